@@ -1,0 +1,3 @@
+from fasttune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""``python -m fasttune``: the verbs. Nothing here imports torch until a verb needs it.
+
+recipes, show and cp read YAML only; recipe and doctor import the heavy stations lazily. A
+user's mistake exits with code 2 and one message listing every problem, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fasttune.errors import EXIT_USER_ERROR, Problem, UserError
+
+
+def _console():
+    from rich.console import Console
+
+    # soft_wrap: long lines stay whole in logs and pipes (the terminal wraps them itself).
+    return Console(soft_wrap=True)
+
+
+def cmd_recipes(args) -> int:
+    from rich.table import Table
+
+    from fasttune import config, recipes
+
+    table = Table(title="fasttune recipes", title_justify="left")
+    for column in ("name", "family", "method", "base model", "GPU memory", "description"):
+        table.add_column(column, overflow="fold")
+    for name in recipes.recipe_names():
+        r = config.resolve(name)
+        table.add_row(name, r.family, r.method, r.model.name, f"{r.gpu_memory_gb} GB" if r.gpu_memory_gb else "CPU", r.description)
+    _console().print(table)
+    return 0
+
+
+def _resolved_yaml(recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+
+def cmd_show(args) -> int:
+    from fasttune import config
+
+    sys.stdout.write(_resolved_yaml(config.resolve(args.recipe, args.overrides)))
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from fasttune import config
+
+    target = Path(args.path)
+    if target.exists() and not args.force:
+        raise UserError(Problem("cp", str(target), "already exists; fasttune never overwrites your files", "pick another path, or add --force"))
+    recipe = config.resolve(args.recipe)
+    header = f"# Copied from fasttune recipe {args.recipe!r}, fully resolved. Run it: python -m fasttune recipe {target}\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(header + _resolved_yaml(recipe), encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from rich.markup import escape
+
+    from fasttune import config
+
+    recipe = config.resolve(args.recipe, args.overrides)
+    console = _console()
+    from fasttune import machine
+
+    found = machine.facts()
+    if not args.dry_run:
+        machine.require_gpu(recipe, found, args.cpu)
+    plan = machine.plan(recipe, found, force_cpu=args.cpu)
+    from fasttune.binding import bind
+    from fasttune.train.runner import new_run_dir
+
+    run_dir = new_run_dir(recipe)
+    bound = bind(recipe, plan, run_dir)
+    console.print(f"[bold]recipe[/] {escape(recipe.name)}: {escape(recipe.description)}")
+    console.print(f"[bold]plan[/] {escape(plan.summary())}")
+    for note in plan.notes:
+        console.print(f"[yellow]note[/] {escape(note)}")
+    if args.dry_run:
+        return _print_dry_run(recipe, bound, found, args, console)
+    from fasttune.train.runner import run
+
+    result = run(recipe, plan, bound, run_dir, console)
+    console.print(f"[bold green]done[/] everything is in {result.run_dir}/ (report.md, adapter/, metrics.jsonl, loss.png)")
+    return 0
+
+
+def _print_dry_run(recipe, bound, found, args, console) -> int:
+    from rich.markup import escape
+
+    from fasttune import machine
+    from fasttune.dry_run import dry_run
+
+    report = dry_run(recipe, bound)
+    for line in report.checked:
+        console.print(f"[green]checked[/] {escape(line)}")
+    for line in report.not_checked:
+        console.print(f"[yellow]not checked[/] {escape(line)}")
+    if recipe.needs_gpu and not found.cuda and not args.cpu:
+        # What the run would do on the card it is sized for (bf16-capable, Unsloth as installed here).
+        card = machine.MachineFacts(True, f"a {recipe.gpu_memory_gb} GB CUDA GPU", float(recipe.gpu_memory_gb), True,
+                                    found.torch_version, found.unsloth_installed)
+        console.print(f"[yellow]machine[/] no CUDA GPU here: a real run of {recipe.name} stops at once; "
+                      f"on {card.device_name} it would use: {escape(machine.plan(recipe, card).summary())}")
+    console.print("dry run: no weights were loaded")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from fasttune.doctor import doctor
+
+    return doctor(Path(args.output_dir), _console())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune a chat model on one GPU (or the CPU demo) from a named recipe.",
+                                     epilog="Start with: python -m fasttune recipes   |   python -m fasttune recipe demo")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("recipes", help="list the named recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = verbs.add_parser("show", help="print a recipe fully resolved, as YAML")
+    p.add_argument("recipe", metavar="NAME|FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.learning_rate=1e-4")
+    p.set_defaults(func=cmd_show)
+
+    p = verbs.add_parser("cp", help="write a copy of a recipe to edit")
+    p.add_argument("recipe", metavar="NAME")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    p.set_defaults(func=cmd_cp)
+
+    p = verbs.add_parser("recipe", help="run a recipe (train, save, report)")
+    p.add_argument("recipe", metavar="NAME|FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides: train.learning_rate=1e-4 lora.r=32 data.path=my.jsonl model.name=/path/to/model")
+    p.add_argument("--dry-run", action="store_true", help="resolve and validate everything; load no weights")
+    p.add_argument("--cpu", action="store_true", help="force the CPU (smoke tests of GPU recipes on tiny models)")
+    p.set_defaults(func=cmd_recipe)
+
+    p = verbs.add_parser("doctor", help="check versions, GPU, bitsandbytes, Unsloth and disk")
+    p.add_argument("--output-dir", default="runs", help="where runs are written (for the free-disk check)")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"fasttune: {err.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fasttune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,265 @@
+"""A recipe, resolved: named recipe + ``extends`` + command-line overrides, checked (torch-free).
+
+fasttune's own sections (``model``, ``data``, ``eval``, ``export``) are typed dataclasses below.
+The sections that feed a library class pass through as mappings and are bound to that class by
+:mod:`fasttune.binding` (``quantization`` → ``BitsAndBytesConfig``, ``lora`` → ``peft.LoraConfig``,
+``train`` → ``trl.SFTConfig``), so every field of those classes is reachable without retyping them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+from fasttune import recipes
+from fasttune.coercion import coerce, parse_value
+from fasttune.errors import Problem, UserError
+from fasttune.families import FAMILIES
+from fasttune.families.chat_templates import TEMPLATES
+
+METHODS = ("qlora", "lora", "full")
+LIBRARY_SECTIONS = {"quantization": "BitsAndBytesConfig", "lora": "peft.LoraConfig", "train": "trl.SFTConfig"}
+
+# QLoRA as the QLoRA paper and Unsloth load it: NF4 with double quantization, 16-bit compute.
+QLORA_DEFAULTS = {
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
+    "bnb_4bit_compute_dtype": "bfloat16",
+}
+
+
+@dataclass
+class ModelSection:
+    name: str = ""
+    """Hub id, local folder (safetensors), or ``package:<pkg>/<file>.gguf`` (a GGUF file shipped in an installed package)."""
+    revision: typing.Optional[str] = None
+    """Hub revision (branch, tag or commit) to load."""
+    backend: typing.Literal["auto", "unsloth", "hf"] = "auto"
+    """``unsloth`` (fused kernels), ``hf`` (transformers + PEFT), or ``auto``: Unsloth where it can run."""
+    attn_implementation: typing.Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel for the ``hf`` backend."""
+    dtype: typing.Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights/compute dtype; ``auto`` picks bf16 where the GPU supports it, fp16 below Ampere, fp32 on a CPU."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint. Off unless the recipe says so."""
+
+
+@dataclass
+class DataSection:
+    path: str = ""
+    """A .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` folder, a hub dataset, or ``builtin:<task>``."""
+    split: str = "train"
+    """Split to read from a hub dataset or ``save_to_disk`` folder."""
+    format: typing.Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = "auto"
+    """Row shape; ``auto`` detects it from the columns."""
+    chat_template: typing.Optional[str] = None
+    """Training chat template (see fasttune/families/templates); default: the family's."""
+    system_prompt: typing.Optional[str] = None
+    """System turn added to conversations that have none."""
+    eval_path: typing.Optional[str] = None
+    """A separate held-out file (same shapes as ``path``)."""
+    eval_fraction: float = 0.0
+    """Fraction of ``path`` held out for evaluation when there is no ``eval_path``."""
+    max_rows: typing.Optional[int] = None
+    """Use only the first N training rows."""
+    eval_rows: typing.Optional[int] = None
+    """Use only the first N evaluation rows."""
+    seed: int = 42
+    """Seed for the train/eval split and generated data."""
+
+
+@dataclass
+class EvalSection:
+    task: typing.Optional[str] = None
+    """A task metric (``fasttune.tasks``) measured on the held-out rows before and after training."""
+    max_new_tokens: int = 64
+    """Generation length for the task metric and sample outputs."""
+    samples: int = 3
+    """How many held-out examples the report shows, before and after."""
+
+
+@dataclass
+class ExportSection:
+    adapter: bool = True
+    """Save the LoRA adapter (``adapter/``)."""
+    merged: bool = False
+    """Save the adapter merged into a 16-bit copy of the base (``merged/``)."""
+
+
+OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection}
+TOP_LEVEL = ("name", "description", "family", "method", "gpu_memory_gb", "extends")
+
+
+@dataclass
+class Recipe:
+    """A resolved recipe. ``quantization``, ``lora`` and ``train`` are bound by fasttune.binding."""
+
+    name: str
+    description: str
+    family: str
+    method: str
+    gpu_memory_gb: typing.Optional[int]
+    """GPU memory the recipe is sized for; ``None`` means it runs on a CPU."""
+    model: ModelSection
+    data: DataSection
+    eval: EvalSection
+    export: ExportSection
+    quantization: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.gpu_memory_gb is not None
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what ``show`` prints and ``config.yaml`` holds)."""
+        out = {
+            "name": self.name,
+            "description": self.description,
+            "family": self.family,
+            "method": self.method,
+            "gpu_memory_gb": self.gpu_memory_gb,
+        }
+        for section in OWNED_SECTIONS:
+            out[section] = dataclasses.asdict(getattr(self, section))
+        for section in LIBRARY_SECTIONS:
+            value = getattr(self, section)
+            if value or section == "train":
+                out[section] = dict(value)
+        return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` strings applied onto a raw recipe mapping (a copy)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem("override", item, "overrides are written key=value (dotted keys: train.learning_rate=1e-4)",
+                                    "write it as SECTION.KEY=VALUE"))
+            continue
+        parts = key.split(".")
+        target = out
+        for part in parts[:-1]:
+            nested = target.get(part)
+            if not isinstance(nested, dict):
+                nested = {}
+                target[part] = nested
+            target = nested
+        target[parts[-1]] = parse_value(text)
+    if problems:
+        raise UserError(problems, "bad command line")
+    return out
+
+
+def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else ""
+
+
+def _owned_section(section: str, cls: type, values: object, problems: list[Problem]) -> object:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        problems.append(Problem(section, values, "must be a mapping of keys to values", f"write `{section}:` followed by indented keys"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            hint = _suggest(key, names)
+            problems.append(Problem(f"{section}.{key}", value, f"is not a key of `{section}` (keys: {', '.join(names)})",
+                                    hint or f"remove it, or use one of the keys of `{section}`"))
+            continue
+        try:
+            kwargs[key] = coerce(value, hints[key])
+        except ValueError as err:
+            default = getattr(cls(), key)
+            problems.append(Problem(f"{section}.{key}", value, str(err), f"set it to a valid value (default: {default!r})"))
+    return cls(**kwargs)
+
+
+def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, merge, override and check a recipe; all problems are raised together."""
+    source = recipes.load_merged(name_or_path)
+    raw = apply_overrides(source.raw, list(overrides))
+    problems: list[Problem] = []
+
+    known = (*TOP_LEVEL, *OWNED_SECTIONS, *LIBRARY_SECTIONS)
+    for key in raw:
+        if key not in known:
+            hint = _suggest(key, known)
+            problems.append(Problem(key, raw[key], f"is not a recipe key (sections: {', '.join((*OWNED_SECTIONS, *LIBRARY_SECTIONS))})",
+                                    hint or "remove it"))
+
+    family = raw.get("family")
+    if family not in FAMILIES:
+        problems.append(Problem("family", family, f"must be one of {', '.join(sorted(FAMILIES))}",
+                                _suggest(str(family), FAMILIES) or "set `family:` to the base model's config.model_type"))
+    method = raw.get("method", "qlora")
+    if method not in METHODS:
+        problems.append(Problem("method", method, f"must be one of {', '.join(METHODS)}", _suggest(str(method), METHODS) or "use qlora"))
+    gpu = raw.get("gpu_memory_gb")
+    try:
+        gpu = coerce(gpu, typing.Optional[int])
+        if gpu is not None and gpu <= 0:
+            raise ValueError("must be a positive number of GB")
+    except ValueError as err:
+        problems.append(Problem("gpu_memory_gb", gpu, f"{err} (null: the recipe runs on a CPU)", "set the GPU memory in GB the recipe is sized for"))
+        gpu = None
+
+    sections = {name: _owned_section(name, cls, raw.get(name), problems) for name, cls in OWNED_SECTIONS.items()}
+    library = {}
+    for name in LIBRARY_SECTIONS:
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            problems.append(Problem(name, value, "must be a mapping of keys to values", f"write `{name}:` followed by indented keys"))
+            value = {}
+        library[name] = dict(value)
+
+    model, data = sections["model"], sections["data"]
+    if not model.name:
+        problems.append(Problem("model.name", None, "every recipe names a base model", "set model.name=<hub id or local folder>"))
+    if not data.path:
+        problems.append(Problem("data.path", None, "every recipe names its training data", "set data.path=<file.jsonl>"))
+    if not 0.0 <= data.eval_fraction < 1.0:
+        problems.append(Problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)", "use e.g. 0.05 for a 5% held-out split"))
+
+    if family in FAMILIES:
+        fam = FAMILIES[family]
+        if data.chat_template is None:
+            data.chat_template = fam.chat_template
+        if method in ("qlora", "lora"):
+            library["lora"].setdefault("target_modules", list(fam.target_modules))
+    if data.chat_template not in TEMPLATES:
+        problems.append(Problem("data.chat_template", data.chat_template, f"must be one of {', '.join(sorted(TEMPLATES))}",
+                                _suggest(str(data.chat_template), TEMPLATES) or "leave it unset to use the family's template"))
+
+    if method == "qlora":
+        library["quantization"] = {**QLORA_DEFAULTS, **library["quantization"]}
+    elif method in METHODS and library["quantization"]:
+        problems.append(Problem("quantization", library["quantization"], f"applies to method qlora only (this recipe is {method})",
+                                "remove the quantization section, or set method=qlora"))
+    if method == "full" and library["lora"]:
+        problems.append(Problem("lora", library["lora"], "applies to methods qlora and lora (this recipe is full)",
+                                "remove the lora section, or set method=lora"))
+
+    if problems:
+        raise UserError(problems, f"recipe {source.name!r} is not valid")
+    return Recipe(
+        name=str(raw.get("name") or source.name),
+        description=str(raw.get("description") or ""),
+        family=family,
+        method=method,
+        gpu_memory_gb=gpu,
+        quantization=library["quantization"],
+        lora=library["lora"],
+        train=library["train"],
+        **sections,
+    )

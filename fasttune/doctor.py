@@ -1,0 +1,92 @@
+"""``python -m fasttune doctor``: what this machine has, what a run would use, what to fix."""
+from __future__ import annotations
+
+import re
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+# The tested version set ships as constraints.txt: in the wheel beside the package, in a
+# checkout at the top of the repository (see pyproject.toml).
+_PACKAGED = Path(__file__).parent / "constraints.txt"
+_CHECKOUT = Path(__file__).parent.parent / "constraints.txt"
+LOCKED = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "gguf", "rich",
+          "sentencepiece", "protobuf")
+MIN_FREE_GB = 20  # a 7B merge (15 GB in 16-bit) plus its GGUF needs about this much
+
+
+def tested_versions() -> dict[str, str]:
+    path = _PACKAGED if _PACKAGED.is_file() else _CHECKOUT
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _free_gb(folder: Path) -> float:
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / 2**30
+
+
+def doctor(output_dir: Path, console) -> int:
+    from rich.table import Table
+
+    problems: list[tuple[str, str]] = []
+    pins = tested_versions()
+    table = Table(title="versions", title_justify="left")
+    for column in ("package", "found", "tested"):
+        table.add_column(column)
+    for name in LOCKED:
+        found, tested = _installed(name), pins.get(name, "?")
+        # torch's CUDA/CPU builds carry a local tag (2.13.0+cpu): compare the public version.
+        ok = found is not None and found.split("+")[0] == tested
+        table.add_row(name, f"[{'green' if ok else 'red'}]{found or 'missing'}[/]", tested)
+        if not ok:
+            problems.append((f"{name} {found or 'missing'} (tested: {tested})",
+                             "reinstall the tested set: pip install -c constraints.txt -e .  (or make demo)"))
+    console.print(table)
+
+    from fasttune import config, machine
+
+    found = machine.facts()
+    if found.cuda:
+        console.print(f"[bold]GPU[/] {found.device_name}, {found.gpu_memory_gb} GB, bf16 {'yes' if found.bf16 else 'no'}")
+    else:
+        console.print(f"[bold]GPU[/] no GPU (torch {found.torch_version}); GPU recipes run with --dry-run or --cpu only")
+    try:
+        from bitsandbytes.cextension import BNB_BACKEND
+
+        console.print(f"[bold]bitsandbytes[/] backend {BNB_BACKEND}")
+    except Exception as err:  # a broken native library raises various errors on import
+        console.print(f"[bold]bitsandbytes[/] [red]cannot load[/] ({type(err).__name__}: {err})")
+        problems.append(("bitsandbytes cannot load", "reinstall bitsandbytes==" + pins.get("bitsandbytes", "")))
+
+    recipe = config.resolve("mistral_qlora")
+    plan = machine.plan(recipe, found)
+    unsloth = "installed" if found.unsloth_installed else "not installed"
+    console.print(f"[bold]Unsloth[/] {unsloth}; would be used: {'yes' if plan.backend == 'unsloth' else 'no (' + plan.backend_reason + ')'}")
+    if found.cuda and not found.unsloth_installed:
+        problems.append(("Unsloth is not installed on a CUDA machine", "pip install -c constraints.txt -e '.[unsloth]'"))
+
+    free = _free_gb(output_dir)
+    console.print(f"[bold]disk[/] {free:.1f} GB free in {output_dir.resolve()}")
+    if free < MIN_FREE_GB:
+        problems.append((f"only {free:.1f} GB free in {output_dir}", f"free up space: a 7B run with exports needs about {MIN_FREE_GB} GB"))
+
+    console.print(f"[bold]a GPU recipe would use[/] {plan.summary()}")
+    for what, fix in problems:
+        console.print(f"[red]problem[/] {what}\n    fix: {fix}")
+    if not problems:
+        console.print("[green]no problems found[/]")
+    return 0

@@ -1,0 +1,13 @@
+"""Gemma 2 instruct models (``model_type: gemma2``)."""
+from fasttune.families.base import LLAMA_STYLE_TARGETS, Family
+
+FAMILY = Family(
+    model_type="gemma2",
+    display_name="Gemma 2",
+    chat_template="gemma",
+    target_modules=LLAMA_STYLE_TARGETS,
+    # Gemma's vocabulary has a real <pad> (id 0); turns end with <end_of_turn>.
+    pad_candidates=("<pad>",),
+    unsloth=True,
+    gguf_arch="gemma2",
+)

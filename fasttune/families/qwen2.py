@@ -1,0 +1,13 @@
+"""Qwen2 and Qwen2.5 instruct models (``model_type: qwen2``)."""
+from fasttune.families.base import LLAMA_STYLE_TARGETS, Family
+
+FAMILY = Family(
+    model_type="qwen2",
+    display_name="Qwen 2.5",
+    chat_template="qwen2_5",
+    target_modules=LLAMA_STYLE_TARGETS,
+    # Qwen ends turns with <|im_end|>; <|endoftext|> (id 151643) is its documented pad token.
+    pad_candidates=("<|endoftext|>",),
+    unsloth=True,
+    gguf_arch="qwen2",
+)

@@ -1,0 +1,92 @@
+"""The recipe registry: named recipes shipped in ``recipes/*.yaml`` (torch-free).
+
+In a source checkout the files are read from ``recipes/`` at the top of the repository; an
+installed wheel carries the same files as ``fasttune/builtin_recipes/`` (see pyproject.toml).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fasttune.errors import Problem, UserError
+
+_PACKAGED = Path(__file__).parent / "builtin_recipes"
+_CHECKOUT = Path(__file__).parent.parent / "recipes"
+
+
+def builtin_dir() -> Path:
+    """Where the named recipes are: inside the wheel, or in the source checkout."""
+    return _PACKAGED if _PACKAGED.is_dir() else _CHECKOUT
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """A recipe as written: its name, where it came from, and its raw mapping."""
+
+    name: str
+    path: Path
+    raw: dict
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(Problem(f"{path}{line}", None, f"is not valid YAML ({getattr(err, 'problem', err)})",
+                                "fix the YAML syntax at that line")) from None
+    if not isinstance(data, dict):
+        raise UserError(Problem(str(path), type(data).__name__, "a recipe file must hold a mapping of sections",
+                                "start from `python -m fasttune cp demo my.yaml`"))
+    return data
+
+
+def find(name_or_path: str) -> RecipeSource:
+    """Look up a named recipe, or read a recipe file (anything ending in .yaml/.yml or existing)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise UserError(Problem("recipe file", name_or_path, "no such file",
+                                    "check the path, or run `python -m fasttune recipes` for named recipes"))
+        return RecipeSource(candidate.stem, candidate, _read_yaml(candidate))
+    path = builtin_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = recipe_names()
+        close = difflib.get_close_matches(name_or_path, names, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise UserError(Problem("recipe", name_or_path, f"is not a named recipe (known: {', '.join(names)})",
+                                f"{hint}run `python -m fasttune recipes` to list them, or pass a .yaml file"))
+    return RecipeSource(name_or_path, path, _read_yaml(path))
+
+
+def load_merged(name_or_path: str, _seen: tuple[str, ...] = ()) -> RecipeSource:
+    """Read a recipe and merge it over the recipe it ``extends`` (recursively)."""
+    source = find(name_or_path)
+    parent_name = source.raw.get("extends")
+    if parent_name is None:
+        return source
+    if parent_name in _seen or parent_name == source.name:
+        raise UserError(Problem(f"{source.path}: extends", parent_name, "recipes may not extend themselves in a cycle",
+                                "point `extends` at a recipe that does not lead back here"))
+    parent = load_merged(str(parent_name), (*_seen, source.name))
+    merged = deep_merge(parent.raw, {k: v for k, v in source.raw.items() if k != "extends"})
+    return RecipeSource(source.name, source.path, merged)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``; nested mappings merge, everything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
