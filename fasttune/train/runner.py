@@ -1,18 +1,20 @@
-"""One training run, top to bottom: setup (model, tokenizer, data), train, save.
+"""One training run, top to bottom: setup (data, tokenizer, model, trainer), train, save.
 
 Scope: a recipe that already resolved, bound and passed the machine checks (the CLI does those
-before calling :func:`run`). Writes everything into the run directory; see README "Run directory".
+before calling :func:`run`). Everything is written into the run directory (README "Run directory").
+The three stages are separate functions so tests can look at the model between them.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text
 from fasttune.binding import Bound
@@ -36,19 +38,40 @@ def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan) -> None:
 
 
 @dataclass
-class RunResult:
+class Session:
+    """Everything a run holds between its stages."""
+
+    recipe: Recipe
+    plan: MachinePlan
     run_dir: Path
-    metrics: dict = field(default_factory=dict)
-    task: dict | None = None
+    console: object
+    source: str
+    """The local folder or hub id the weights load from."""
+    data: object
+    """fasttune.data.prepare.PreparedData"""
+    tokenizer: object
+    trainer: object
+    """trl.SFTTrainer"""
+    started: float
+    task: object | None = None
+    before: dict | None = None
+    final_eval: dict | None = None
+    after: dict | None = None
 
 
-def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> RunResult:
+def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> Session:
+    session = setup(recipe, plan, bound, run_dir, console)
+    train(session)
+    save(session)
+    return session
+
+
+def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> Session:
     started = time.time()
     if plan.backend == "unsloth":
         from fasttune.model.backends.unsloth import import_first
 
-        import_first()
-    # --- setup -------------------------------------------------------------------------------
+        import_first()  # before anything imports transformers, TRL or PEFT
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -56,9 +79,7 @@ def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console)
     from fasttune.model import backends
     from fasttune.model.source import resolve_model_source
     from fasttune.model.tokenizer import load_tokenizer
-    from fasttune.report import installed_versions, plot_loss, write_report
-    from fasttune.train.metrics_log import MetricsLog, read_metrics
-    from fasttune.train.progress import use_rich_progress
+    from fasttune.train.metrics_log import MetricsLog
 
     write_config(run_dir, recipe, plan)
     if bound.logging_dir:
@@ -66,10 +87,9 @@ def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console)
     data = prepare(recipe)
     source = resolve_model_source(recipe.model.name)
     tokenizer = load_tokenizer(source, recipe)
-    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {data.source}")
-    console.print(f"[bold]model[/] {recipe.model.name} -> {plan.summary()}")
+    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
+    console.print(f"[bold]model[/] {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})")
     model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
-
     task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
     trainer = SFTTrainer(
         model=model,
@@ -80,41 +100,51 @@ def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console)
         peft_config=peft_config,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
     )
-    trainable, total = _count_parameters(trainer.model)
+    trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, task, before)
 
-    # --- train -------------------------------------------------------------------------------
-    with use_rich_progress(trainer, console):
-        trainer.train()
-    final = {}
-    if data.eval:
-        final = trainer.evaluate()
 
-    # --- save --------------------------------------------------------------------------------
+def train(session: Session) -> None:
+    from fasttune.train.progress import use_rich_progress
+
+    with use_rich_progress(session.trainer, session.console):
+        session.trainer.train()
+    if session.data.eval:
+        session.final_eval = session.trainer.evaluate()
+
+
+def save(session: Session) -> None:
+    from fasttune.report import installed_versions, plot_loss, write_report
+    from fasttune.train.metrics_log import read_metrics
+
+    recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
     if recipe.export.adapter or recipe.export.merged:
-        _save_adapter(trainer, tokenizer, run_dir / "adapter")
-    _, after = _task_eval(recipe, trainer.model, tokenizer, data.eval, console, "after")
+        _save_adapter(trainer, session.tokenizer, run_dir / "adapter")
+    _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
     if recipe.export.merged and recipe.method != "full":
         from fasttune.export.merge import merge_adapter
 
-        console.print("[bold]merge[/] adapter -> merged/ (16-bit)")
-        merge_adapter(source, run_dir / "adapter", run_dir / "merged", tokenizer,
-                      save_dtype="bfloat16" if plan.dtype == "float32" else plan.dtype,
+        session.console.print("[bold]merge[/] adapter -> merged/ (16-bit)")
+        merge_adapter(session.source, run_dir / "adapter", run_dir / "merged", session.tokenizer,
+                      save_dtype="bfloat16" if session.plan.dtype == "float32" else session.plan.dtype,
                       revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(metrics, run_dir / "loss.png")
-    task_info = {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None
-    info = {
+    trainable, total = count_parameters(trainer.model)
+    plan, data, before, task = session.plan, session.data, session.before, session.task
+    write_report(run_dir, {
         "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
         "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
         "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
-        "train_rows": len(data.train), "eval_rows": len(data.eval), "wall_time_s": time.time() - started,
-        "trainable_params": trainable, "total_params": total, "metrics": metrics, "eval_loss": final.get("eval_loss"),
-        "task": task_info, "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
-    }
-    write_report(run_dir, info)
-    return RunResult(run_dir, final, task_info)
+        "train_rows": len(data.train), "eval_rows": len(data.eval), "wall_time_s": time.time() - session.started,
+        "trainable_params": trainable, "total_params": total, "metrics": metrics,
+        "eval_loss": (session.final_eval or {}).get("eval_loss"),
+        "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
+        "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
+    })
+    session.after = after
 
 
 def _task_eval(recipe: Recipe, model, tokenizer, rows: list[dict], console, when: str):
@@ -136,7 +166,7 @@ def _paired_samples(before: dict, after: dict, count: int) -> list[dict]:
             for b, a in zip(before["samples"][:count], after["samples"][:count])]
 
 
-def _count_parameters(model) -> tuple[int, int]:
+def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

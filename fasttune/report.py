@@ -1,0 +1,342 @@
+"""The run directory's human-readable record: ``loss.png`` and ``report.md``.
+
+Torch-free: everything here works from plain dicts (the records of ``metrics.jsonl`` and an
+``info`` dict the runner fills), so a report can be rebuilt on a machine without the training
+stack. matplotlib is imported only by ``plot_loss``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fasttune.atomic_io import atomic_file, atomic_write_text
+
+REPORT_FILE = "report.md"
+LOSS_PLOT_FILE = "loss.png"
+
+# What a reader finds in a run directory, in the order the report lists it. Names not listed here
+# are still shown, without a description.
+_KNOWN_FILES = {
+    "config.yaml": "the resolved recipe this run used",
+    "adapter": "the LoRA adapter (PEFT format)",
+    "merged": "the base model with the adapter merged in, 16-bit safetensors",
+    "metrics.jsonl": "every logged metric, one JSON object per line",
+    "loss.png": "training loss by step, evaluation loss as points",
+    "Modelfile": "Ollama model definition for the GGUF export",
+    "report.md": "this report",
+}
+_GGUF_DESCRIPTION = "GGUF export for llama.cpp / Ollama"
+_CHECKPOINT_DESCRIPTION = "trainer checkpoint, to resume from"
+
+DEFAULT_VERSION_PACKAGES = ("torch", "transformers", "trl", "peft")
+
+
+def installed_versions(packages: tuple[str, ...] = DEFAULT_VERSION_PACKAGES) -> dict[str, str]:
+    """Versions of ``packages`` installed here, read from package metadata (imports none of them).
+
+    Packages that are not installed are left out. Meant for ``info["versions"]``.
+    """
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def training_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``info`` keys that ``metrics.jsonl`` records can supply, for ``write_report``.
+
+    Returns any of ``steps``, ``epochs``, ``wall_time_s``, ``tokens_per_s``,
+    ``final_train_loss`` (the last logged loss), ``mean_train_loss`` (the trainer's average over
+    the run) and ``eval_loss`` (the last evaluation), each only when the records hold it.
+    """
+    summary: dict[str, Any] = {}
+    train_losses = [r["loss"] for r in metrics if r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in metrics if r.get("eval_loss") is not None]
+    if metrics:
+        summary["steps"] = max(r.get("step", 0) for r in metrics)
+        epochs = [r["epoch"] for r in metrics if r.get("epoch") is not None]
+        if epochs:
+            summary["epochs"] = max(epochs)
+    if train_losses:
+        summary["final_train_loss"] = train_losses[-1]
+    if eval_losses:
+        summary["eval_loss"] = eval_losses[-1]
+    for record in reversed(metrics):
+        if record.get("train_runtime") is not None:
+            summary["wall_time_s"] = record["train_runtime"]
+            if record.get("train_loss") is not None:
+                summary["mean_train_loss"] = record["train_loss"]
+            break
+    # transformers logs train_tokens_per_second at each logging step when it counts tokens
+    # (include_num_input_tokens_seen); TRL's SFTTrainer logs a running num_tokens instead.
+    rates = [r["train_tokens_per_second"] for r in metrics if r.get("train_tokens_per_second")]
+    counts = [r["num_tokens"] for r in metrics if r.get("num_tokens")]
+    if rates:
+        summary["tokens_per_s"] = rates[-1]
+    elif counts and summary.get("wall_time_s"):
+        summary["tokens_per_s"] = counts[-1] / summary["wall_time_s"]
+    return summary
+
+
+def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -> Path | None:
+    """Draw training loss against step (a line) and evaluation loss (points) into ``png_path``.
+
+    ``metrics`` are ``metrics.jsonl`` records. Returns the path written, or ``None`` when the
+    records hold no loss at all (nothing is written then). The file is replaced atomically.
+    """
+    train = [(r["step"], r["loss"]) for r in metrics if r.get("loss") is not None and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in metrics if r.get("eval_loss") is not None and "step" in r]
+    if not train and not evals:
+        return None
+
+    # The Agg canvas on a bare Figure: no pyplot global state and no display needed, and the
+    # process-wide matplotlib backend is left as the caller set it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o", label="eval loss", markersize=5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(png_path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def write_report(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
+    """Write ``run_dir/report.md`` (atomically) from ``info`` and the files in ``run_dir``.
+
+    Every key is optional; a section, table row or line whose keys are absent is left out.
+
+    What ran:
+        ``recipe`` (str, also the title), ``base_model`` (str), ``method`` (``"lora"``,
+        ``"qlora"``), ``backend`` (``"unsloth"``, ``"hf"``), ``backend_reason`` (str, why that
+        backend was chosen, shown beside it), ``dtype`` (str), ``attention`` (str,
+        the attention implementation), ``device`` (str, e.g. ``"NVIDIA H100 80GB HBM3"``),
+        ``versions`` (dict package -> version; see ``installed_versions``).
+    Data:
+        ``data_source`` (str), ``data_format`` (str, e.g. ``"messages"``), ``train_rows`` (int),
+        ``eval_rows`` (int).
+    Training:
+        ``steps`` (int), ``epochs`` (float), ``wall_time_s`` (float), ``tokens_per_s`` (float),
+        ``trainable_params`` (int), ``total_params`` (int).
+    Final metrics:
+        ``final_train_loss`` (float), ``mean_train_loss`` (float), ``eval_loss`` (float).
+    Task metric:
+        ``task``: ``{"name": str, "before": {metric: number}, "after": {metric: number}}``;
+        either side may be missing.
+    Sample outputs:
+        ``samples``: list of ``{"prompt": str, "before": str, "after": str, "reference": str}``
+        (each field optional but ``prompt``).
+    Metrics records:
+        ``metrics`` (list of ``metrics.jsonl`` records, from ``read_metrics``): fills every key that
+        ``training_summary`` returns and ``info`` does not set itself.
+
+    The files section lists what is in ``run_dir`` when the report is written, and the loss plot
+    is embedded when ``loss.png`` is there. Returns the report's path.
+    """
+    run_dir = Path(run_dir)
+    info = {**training_summary(info.get("metrics") or []), **info}
+    sections = [
+        _what_ran(info),
+        _data(info),
+        _training(info),
+        _final_metrics(info),
+        _task(info.get("task")),
+        _samples(info.get("samples")),
+        _files(run_dir),
+    ]
+    title = f"# fasttune run: {info['recipe']}" if info.get("recipe") else f"# fasttune run: {run_dir.name}"
+    text = "\n\n".join([title, *(s for s in sections if s)]) + "\n"
+    return atomic_write_text(run_dir / REPORT_FILE, text)
+
+
+# -- sections: each returns markdown, or "" when info has nothing for it --
+
+
+def _fields(rows: list[tuple[str, Any]]) -> list[str]:
+    return [f"| {label} | {_cell(value)} |" for label, value in rows if value is not None and value != ""]
+
+
+def _section(heading: str, rows: list[str]) -> str:
+    if not rows:
+        return ""
+    return "\n".join([f"## {heading}", "", "| | |", "|---|---|", *rows])
+
+
+def _what_ran(info: dict[str, Any]) -> str:
+    rows = _fields(
+        [
+            ("recipe", info.get("recipe")),
+            ("base model", _code(info.get("base_model"))),
+            ("method", info.get("method")),
+            ("backend", _with_reason(info.get("backend"), info.get("backend_reason"))),
+            ("dtype", info.get("dtype")),
+            ("attention", info.get("attention")),
+            ("device", info.get("device")),
+        ]
+    )
+    versions = info.get("versions") or {}
+    if versions:
+        rows.append(f"| versions | {_cell(', '.join(f'{name} {v}' for name, v in versions.items()))} |")
+    return _section("What ran", rows)
+
+
+def _data(info: dict[str, Any]) -> str:
+    rows = _fields(
+        [
+            ("source", _code(info.get("data_source"))),
+            ("format", info.get("data_format")),
+            ("train rows", info.get("train_rows")),
+            ("eval rows", info.get("eval_rows")),
+        ]
+    )
+    return _section("Data", rows)
+
+
+def _training(info: dict[str, Any]) -> str:
+    trainable, total = info.get("trainable_params"), info.get("total_params")
+    if trainable is not None and total:
+        params = f"{trainable:,} / {total:,} ({100 * trainable / total:.3g}%)"
+    elif trainable is not None:
+        params = f"{trainable:,} trainable"
+    else:
+        params = None
+    wall = info.get("wall_time_s")
+    tokens_per_s = info.get("tokens_per_s")
+    rows = _fields(
+        [
+            ("steps", info.get("steps")),
+            ("epochs", info.get("epochs")),
+            ("wall time", _duration(wall) if wall is not None else None),
+            ("tokens/s", f"{tokens_per_s:,.0f}" if tokens_per_s is not None else None),
+            ("trainable / total params", params),
+        ]
+    )
+    return _section("Training", rows)
+
+
+def _final_metrics(info: dict[str, Any]) -> str:
+    rows = _fields(
+        [
+            ("final train loss", info.get("final_train_loss")),
+            ("mean train loss", info.get("mean_train_loss")),
+            ("eval loss", info.get("eval_loss")),
+        ]
+    )
+    return _section("Final metrics", rows)
+
+
+def _task(task: dict[str, Any] | None) -> str:
+    if not task:
+        return ""
+    before, after = task.get("before") or {}, task.get("after") or {}
+    names = list(dict.fromkeys([*before, *after]))
+    if not names:
+        return ""
+    lines = [f"## Task: {task['name']}" if task.get("name") else "## Task", ""]
+    lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        change = _number(a - b, signed=True) if _is_number(a) and _is_number(b) else ""
+        shown = ["" if value is None else _cell(value) for value in (b, a)]
+        lines.append(f"| {_cell(name)} | {shown[0]} | {shown[1]} | {change} |")
+    return "\n".join(lines)
+
+
+def _samples(samples: list[dict[str, Any]] | None) -> str:
+    if not samples:
+        return ""
+    lines = ["## Sample outputs"]
+    for number, sample in enumerate(samples, start=1):
+        lines += ["", f"### Sample {number}"]
+        for key, label in (("prompt", "Prompt"), ("before", "Output before training"),
+                           ("after", "Output after training"), ("reference", "Reference")):
+            if sample.get(key) is not None:
+                lines += ["", f"{label}:", "", _fenced(str(sample[key]))]
+    return "\n".join(lines)
+
+
+def _files(run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        return ""
+    entries = {p.name: p for p in run_dir.iterdir() if not p.name.startswith(".")}
+    entries.setdefault(REPORT_FILE, run_dir / REPORT_FILE)
+    order = [name for name in _KNOWN_FILES if name in entries]
+    order += sorted(name for name in entries if name not in _KNOWN_FILES)
+    lines = ["## Files", ""]
+    for name in order:
+        shown = f"{name}/" if entries[name].is_dir() else name
+        description = _KNOWN_FILES.get(name)
+        if description is None and name.endswith(".gguf"):
+            description = _GGUF_DESCRIPTION
+        elif description is None and name.startswith("checkpoint-"):
+            description = _CHECKPOINT_DESCRIPTION
+        lines.append(f"- `{shown}`" + (f": {description}" if description else ""))
+    if LOSS_PLOT_FILE in entries:
+        lines += ["", f"![loss by step]({LOSS_PLOT_FILE})"]
+    return "\n".join(lines)
+
+
+# -- formatting --
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: float | int, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if isinstance(value, int):
+        return f"{value:{sign},}"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:{sign}.4g}"
+
+
+def _cell(value: Any) -> str:
+    text = _number(value) if _is_number(value) else str(value)
+    # A pipe would end the table cell; a newline would end the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _with_reason(value: Any, reason: Any) -> Any:
+    return f"{value} ({reason})" if value and reason else value
+
+
+def _code(value: Any) -> str | None:
+    return f"`{value}`" if value else None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min {secs:02d} s"
+    return f"{minutes} min {secs:02d} s"
+
+
+def _fenced(text: str) -> str:
+    # The fence must be longer than any backtick run inside, or a sample that itself contains
+    # a code block would close ours early (CommonMark 0.31, "Fenced code blocks").
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"

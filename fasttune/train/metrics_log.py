@@ -1,0 +1,128 @@
+"""The run's written record of what the trainer logged: ``metrics.jsonl``, one JSON object a line.
+
+Each ``Trainer.log`` call (a training logging step, an evaluation, the end-of-training summary)
+becomes one line, written and flushed at once, so a killed run keeps everything it logged up to
+the kill. Resuming appends to the same file. ``report.plot_loss`` and ``report.write_report``
+read it back through ``read_metrics``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog(TrainerCallback):
+    """Append every ``on_log`` payload to a JSONL file, from the main process only.
+
+    Each line holds ``step`` (``state.global_step``), ``epoch`` (``state.epoch``), ``time``
+    (unix seconds), ``elapsed_s`` (seconds since this session's ``on_train_begin``, or since this
+    callback was made for logs that come before training, such as a baseline evaluation), then
+    every logged key as the trainer named it (``loss``, ``grad_norm``, ``learning_rate``,
+    ``eval_loss``, ``train_runtime``, ...). A non-finite float is written as ``null``: strict JSON
+    has no NaN, and other tools (jq, JavaScript) must be able to read the file.
+
+    ``path`` is the file when its name ends in ``.jsonl``, otherwise the run directory that
+    holds ``metrics.jsonl`` (it need not exist yet).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = metrics_path(path)
+        self._start = time.monotonic()
+        self._checked_tail = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        record: dict[str, Any] = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "time": round(time.time(), 3),
+            "elapsed_s": round(time.monotonic() - self._start, 3),
+        }
+        record.update({key: _plain(value) for key, value in (logs or {}).items()})
+        self.append(record)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a line and flush it to the operating system."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._checked_tail:
+            _drop_torn_tail(self.path)
+            self._checked_tail = True
+        line = json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n"
+        # Opened per line: logging steps are seconds apart, and a closed file cannot hold
+        # unflushed data when the process is killed.
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(line)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read ``metrics.jsonl`` (or the one inside a run directory) as a list of dicts.
+
+    A last line cut short by a kill is skipped. A damaged line anywhere else is not something
+    ``MetricsLog`` produces, so it raises ``ValueError`` with the file and line number.
+    """
+    path = metrics_path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg}); the file is damaged") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def metrics_path(path: str | os.PathLike[str]) -> Path:
+    """The metrics file for ``path``: itself if it names a ``.jsonl`` file, else ``path/metrics.jsonl``."""
+    path = Path(path)
+    return path if path.suffix == ".jsonl" else path / METRICS_FILE
+
+
+def _plain(value: Any) -> Any:
+    """A logged value as JSON can hold it: tensors and numpy scalars become Python numbers."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            # A tensor with more than one element: keep it readable rather than fail the run.
+            value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    # A run killed mid-write leaves a last line without its newline. Appending after it would
+    # glue the next record onto the fragment and damage both, so cut the fragment off first.
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
