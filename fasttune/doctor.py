@@ -40,6 +40,7 @@ def _free_gb(folder: Path) -> float:
 
 
 def doctor(output_dir: Path, console) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     problems: list[tuple[str, str]] = []
@@ -69,13 +70,14 @@ def doctor(output_dir: Path, console) -> int:
 
         console.print(f"[bold]bitsandbytes[/] backend {BNB_BACKEND}")
     except Exception as err:  # a broken native library raises various errors on import
-        console.print(f"[bold]bitsandbytes[/] [red]cannot load[/] ({type(err).__name__}: {err})")
+        console.print(f"[bold]bitsandbytes[/] [red]cannot load[/] " + escape(f"({type(err).__name__}: {err})"))
         problems.append(("bitsandbytes cannot load", "reinstall bitsandbytes==" + pins.get("bitsandbytes", "")))
 
     recipe = config.resolve("mistral_qlora")
     plan = machine.plan(recipe, found)
     unsloth = "installed" if found.unsloth_installed else "not installed"
-    console.print(f"[bold]Unsloth[/] {unsloth}; would be used: {'yes' if plan.backend == 'unsloth' else 'no (' + plan.backend_reason + ')'}")
+    console.print(f"[bold]Unsloth[/] {unsloth}; would be used: "
+                  + escape("yes" if plan.backend == "unsloth" else f"no ({plan.backend_reason})"))
     if found.cuda and not found.unsloth_installed:
         problems.append(("Unsloth is not installed on a CUDA machine", "pip install -c constraints.txt -e '.[unsloth]'"))
 
@@ -84,9 +86,9 @@ def doctor(output_dir: Path, console) -> int:
     if free < MIN_FREE_GB:
         problems.append((f"only {free:.1f} GB free in {output_dir}", f"free up space: a 7B run with exports needs about {MIN_FREE_GB} GB"))
 
-    console.print(f"[bold]a GPU recipe would use[/] {plan.summary()}")
+    console.print(f"[bold]a run here would use[/] {escape(plan.summary())}")
     for what, fix in problems:
-        console.print(f"[red]problem[/] {what}\n    fix: {fix}")
+        console.print(f"[red]problem[/] {escape(what)}\n    fix: {escape(fix)}")
     if not problems:
         console.print("[green]no problems found[/]")
     return 0

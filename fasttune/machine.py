@@ -79,10 +79,10 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
     family = get_family(recipe.family)
     wanted = recipe.model.backend
     reasons_against = []
-    if not found.unsloth_installed:
-        reasons_against.append("Unsloth is not installed (pip install 'fasttune[unsloth]' -c constraints.txt)")
     if not on_gpu:
         reasons_against.append("no CUDA device" if not found.cuda else "--cpu was given")
+    if not found.unsloth_installed:
+        reasons_against.append("Unsloth is not installed (pip install 'fasttune[unsloth]' -c constraints.txt)")
     if not family.unsloth:
         reasons_against.append(f"Unsloth's fused path does not support family {family.model_type}")
     if recipe.method == "full":

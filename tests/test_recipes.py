@@ -56,7 +56,8 @@ def test_gpu_recipes_meet_unsloths_fast_path_conditions(name):
 
 def test_plan_explains_fallbacks():
     recipe = config.resolve("mistral_qlora")
-    assert plan(recipe, CPU, force_cpu=True).backend_reason.startswith("Unsloth is not installed")
+    assert plan(recipe, CPU, force_cpu=True).backend_reason == "no CUDA device"
+    assert plan(recipe, TURING).backend_reason.startswith("Unsloth is not installed")
     t4 = plan(recipe, TURING)
     assert t4.dtype == "float16" and "pre-Ampere" in t4.dtype_reason and t4.backend == "hf"
     assert plan(recipe, AMPERE_WITH_UNSLOTH, force_cpu=True).backend_reason == "--cpu was given"
