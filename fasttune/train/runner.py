@@ -81,6 +81,7 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     from fasttune.model.tokenizer import load_tokenizer
     from fasttune.train.metrics_log import MetricsLog
 
+    quiet_library_progress_bars()
     write_config(run_dir, recipe, plan)
     if bound.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = bound.logging_dir
@@ -100,6 +101,10 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
         peft_config=peft_config,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
     )
+    if bound.bnb is not None:
+        from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
+
+        keep_adapter_in_plan_dtype(trainer.model, plan)
     trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, task, before)
@@ -147,17 +152,28 @@ def save(session: Session) -> None:
     session.after = after
 
 
+def quiet_library_progress_bars() -> None:
+    """One display per run: ours. The libraries' tqdm bars (tokenizing, loading shards) would
+    interleave with it and fill logs with carriage returns."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _task_eval(recipe: Recipe, model, tokenizer, rows: list[dict], console, when: str):
     if not recipe.eval.task or not rows:
         return None, None
     from fasttune.tasks import get_task
 
     task = get_task(recipe.eval.task)
+    console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows...")
     started = time.time()
     scored = task.evaluate(model, tokenizer, rows, max_new_tokens=recipe.eval.max_new_tokens)
     result = {"metrics": {k: v for k, v in scored.items() if k != "samples"}, "samples": scored.get("samples", [])}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
-    console.print(f"[bold]{task.name} {when} training[/] on {len(rows)} held-out rows: {shown} ({time.time() - started:.0f}s)")
+    console.print(f"[bold]{task.name} {when} training[/]: {shown} ({time.time() - started:.0f}s)")
     return task, result
 
 

@@ -20,3 +20,19 @@ def load(source: str, recipe, plan, bound):
         kwargs["device_map"] = {"": 0 if plan.device == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model, bound.lora
+
+
+def keep_adapter_in_plan_dtype(model, plan) -> None:
+    """Undo TRL's bf16 cast of QLoRA adapters where bf16 is not the plan.
+
+    TRL 1.14.2's SFTTrainer casts every trainable parameter of a quantized model to bfloat16 (the
+    QLoRA paper's choice, trl/trainer/sft_trainer.py). On a CPU, or a GPU without bf16, most small
+    updates then round away; the adapter trains in float32 there (fp16 AMP needs fp32 masters).
+    """
+    import torch
+
+    if plan.dtype == "bfloat16":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
