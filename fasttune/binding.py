@@ -130,7 +130,8 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> Bound:
 
     translated, logging_dir = translate_moved_keys(recipe.train, problems)
     train = _check("train", translated, SFTConfig, problems, others("train"))
-    train.setdefault("output_dir", str(run_dir / "checkpoints"))
+    # train.output_dir names the run directory (runner.new_run_dir); checkpoints go inside it.
+    train["output_dir"] = str(run_dir / "checkpoints")
     train.setdefault("report_to", "none")
     train.update(device_settings(recipe, plan))
     sft = _construct("train", SFTConfig, train, problems)

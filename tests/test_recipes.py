@@ -94,7 +94,10 @@ def test_every_sft_guide_parameter_is_settable(tmp_path):
     assert plain(sft.lr_scheduler_type) == "cosine" and plain(sft.eval_strategy) == "steps"
     assert (sft.eval_steps, sft.save_steps, sft.save_total_limit, sft.logging_steps) == (9, 9, 2, 3)
     assert sft.packing and sft.load_best_model_at_end and sft.assistant_only_loss and sft.completion_only_loss
-    assert sft.warmup_steps == 0.1 and sft.output_dir == str(tmp_path / "out")
+    assert sft.warmup_steps == 0.1 and sft.output_dir == str(tmp_path / "checkpoints")
+    from fasttune.train.runner import new_run_dir
+
+    assert new_run_dir(recipe) == tmp_path / "out"
     assert bound.logging_dir == str(tmp_path / "tb")
 
 
