@@ -25,9 +25,11 @@ def cmd_recipes(args) -> int:
     from fasttune import config, recipes
 
     table = Table(title="fasttune recipes", title_justify="left")
-    for column in ("name", "family", "method", "base model", "GPU memory"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("description", overflow="fold")
+    for column in ("name", "family", "method"):
+        table.add_column(column, no_wrap=True, min_width=len("qwen2_5_qlora") if column == "name" else None)
+    table.add_column("base model", overflow="fold", ratio=3)
+    table.add_column("GPU", no_wrap=True)
+    table.add_column("description", overflow="fold", ratio=2)
     for name in recipes.recipe_names():
         r = config.resolve(name)
         table.add_row(name, r.family, r.method, _model_label(r.model.name), f"{r.gpu_memory_gb} GB" if r.gpu_memory_gb else "CPU", r.description)
