@@ -53,6 +53,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     return final
 
 
+def temp_dir_beside(final_dir: str | os.PathLike[str]) -> Path:
+    """A new, empty, hidden directory beside ``final_dir``, for :func:`atomic_replace_dir`.
+
+    Created with ``mkdir`` (the user's umask applies), unlike ``tempfile.mkdtemp``, whose 0700
+    mode would make a finished adapter or model folder unreadable to anyone else.
+    """
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(final, "tmp")
+    tmp.mkdir()
+    return tmp
+
+
 def atomic_replace_dir(tmp_dir: str | os.PathLike[str], final_dir: str | os.PathLike[str]) -> Path:
     """Move the finished directory ``tmp_dir`` to ``final_dir``, replacing any old one.
 

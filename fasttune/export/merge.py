@@ -5,10 +5,9 @@ merging into NF4 would re-quantize the sum and lose most of what was learned.
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from fasttune.atomic_io import atomic_replace_dir
+from fasttune.atomic_io import atomic_replace_dir, temp_dir_beside
 
 
 def merge_adapter(source: str, adapter_dir: Path, out_dir: Path, tokenizer, save_dtype: str = "bfloat16",
@@ -22,8 +21,7 @@ def merge_adapter(source: str, adapter_dir: Path, out_dir: Path, tokenizer, save
                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(getattr(torch, save_dtype))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     return atomic_replace_dir(tmp, out_dir)

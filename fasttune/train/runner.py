@@ -7,7 +7,6 @@ The three stages are separate functions so tests can look at the model between t
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +15,7 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from fasttune.atomic_io import atomic_replace_dir, atomic_write_text
+from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
 from fasttune.binding import Bound
 from fasttune.config import Recipe
 from fasttune.machine import MachinePlan
@@ -86,10 +85,12 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     if bound.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = bound.logging_dir
     data = prepare(recipe)
+    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
+    gguf = recipe.model.name.startswith("package:") or recipe.model.name.endswith(".gguf")
+    console.print(f"[bold]model[/] loading {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})"
+                  + ("; a GGUF file is converted once, then cached" if gguf else ""))
     source = resolve_model_source(recipe.model.name)
     tokenizer = load_tokenizer(source, recipe)
-    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
-    console.print(f"[bold]model[/] {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})")
     model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
     task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
     trainer = SFTTrainer(
@@ -189,8 +190,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def _save_adapter(trainer, tokenizer, out_dir: Path) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     trainer.model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     atomic_replace_dir(tmp, out_dir)
