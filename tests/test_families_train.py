@@ -25,6 +25,7 @@ from fasttune.families import get_family
 from fasttune.families.chat_templates import get_template
 from fasttune.train import runner
 from fixtures.tiny_models import build_tiny_model, write_chat_jsonl
+from fixtures.spans import decoded_runs
 from fixtures.tokenizers import load_tokenizer, original_templates
 
 # End to end on tiny models: about a minute for the whole file on 2 cores.
@@ -275,17 +276,9 @@ def _expected_spans(messages: list[dict], template: str) -> list[str]:
 
 
 def _label_spans(input_ids: list[int], labels: list[int], tokenizer) -> list[str]:
-    spans, current = [], []
-    for token, label in zip(input_ids, labels):
-        if label != -100:
-            assert label == token, "labels are the input ids themselves (the model shifts them)"
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    return [tokenizer.decode(span) for span in spans]
+    assert all(label == token for token, label in zip(input_ids, labels) if label != -100), \
+        "labels are the input ids themselves (the model shifts them)"
+    return decoded_runs(input_ids, [label != -100 for label in labels], tokenizer)
 
 
 def test_batches_are_publisher_template_and_labels_are_assistant_replies(qlora_run, reference_tokenizer):

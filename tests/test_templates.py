@@ -14,6 +14,7 @@ from jinja2.exceptions import TemplateError
 
 from fasttune.families import FAMILIES
 from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template
+from fixtures.spans import decoded_runs
 from fixtures.tokenizers import load_tokenizer, original_templates, phi3_reference_tokenizations
 
 # The real tokenizer each template is tested with (tests/fixtures/tokenizers.py).
@@ -117,18 +118,7 @@ def assistant_spans(template: str, messages: list[dict]) -> list[str]:
     """Decoded runs of consecutive tokens that the assistant mask selects."""
     tokenizer = tokenizer_for(template)
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    spans, current = [], []
-    for token_id, selected in zip(out["input_ids"], out["assistant_masks"]):
-        if selected:
-            current.append(token_id)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    # A SentencePiece reply's first token carries the space before it ("▁Rome"); decoding each run
-    # on its own drops that single leading space, as decoding a whole reply does.
-    return [tokenizer.decode(span) for span in spans]
+    return decoded_runs(out["input_ids"], out["assistant_masks"], tokenizer)
 
 
 ORIGINALS = [(template, source) for template in TEMPLATES for source in original_templates(template)]
