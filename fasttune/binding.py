@@ -109,6 +109,9 @@ def device_settings(recipe: Recipe, plan: MachinePlan) -> dict:
     train = recipe.train
     if plan.device == "cpu":
         # TRL's SFTConfig defaults to bf16 and refuses it without a GPU (trl 1.14.2).
+        for key in ("bf16", "fp16"):
+            if train.get(key):
+                plan.notes.append(f"train.{key}=true does not apply on the CPU: training in {plan.dtype}")
         return {"use_cpu": True, "bf16": False, "fp16": False}
     if "bf16" in train or "fp16" in train:
         return {}

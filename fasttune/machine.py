@@ -88,8 +88,8 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
     if recipe.method == "full":
         reasons_against.append("full fine-tuning runs on the hf backend")
     if wanted == "unsloth" and reasons_against:
-        raise UserError(Problem("model.backend", "unsloth", "needs " + "; ".join(reasons_against).replace("no CUDA", "a CUDA"),
-                                "use model.backend=auto (falls back to transformers + PEFT) or fix the above"))
+        raise UserError(Problem("model.backend", "unsloth", "cannot run here: " + "; ".join(reasons_against),
+                                "use model.backend=auto (falls back to transformers + PEFT), or run where the above holds"))
     if wanted == "hf":
         backend, backend_reason = "hf", "set by the recipe"
     elif reasons_against:

@@ -145,3 +145,22 @@ def test_owned_sections_check_keys_and_values():
     assert "did you mean `path`?" in text
     assert "did you mean `qlora`?" in text
     assert "did you mean `train`?" in text
+
+
+def test_explicit_unsloth_backend_is_refused_where_it_cannot_run():
+    from fasttune.errors import UserError
+
+    recipe = config.resolve("mistral_qlora", ["model.backend=unsloth"])
+    with pytest.raises(UserError, match="cannot run here: no CUDA device; Unsloth is not installed"):
+        plan(recipe, CPU)
+    assert plan(recipe, AMPERE_WITH_UNSLOTH).backend == "unsloth"
+
+
+def test_cpu_runs_drop_16_bit_flags_and_say_so(tmp_path):
+    from fasttune.binding import bind
+
+    recipe = config.resolve("demo", ["train.bf16=true"])
+    cpu_plan = plan(recipe, CPU)
+    bound = bind(recipe, cpu_plan, tmp_path)
+    assert bound.sft.use_cpu and not bound.sft.bf16
+    assert any("train.bf16=true does not apply on the CPU" in note for note in cpu_plan.notes)
