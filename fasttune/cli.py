@@ -130,6 +130,23 @@ def cmd_doctor(args) -> int:
     return doctor(Path(args.output_dir), _console())
 
 
+def cmd_data_inspect(args) -> int:
+    import json
+
+    from fasttune import config
+    from fasttune.data.inspect import inspect_data, render, to_json
+
+    if args.n < 0:
+        raise UserError(Problem("-n", args.n, "must be 0 or more", "give the number of examples to show"))
+    recipe = config.resolve(args.recipe, [*args.overrides, f"data.path={args.source}"])
+    document = inspect_data(recipe, args.n)
+    if args.json:
+        sys.stdout.write(json.dumps(to_json(document), ensure_ascii=False) + "\n")
+    else:
+        render(document, _console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune a chat model on one GPU (or the CPU demo) from a named recipe.",
                                      epilog="Start with: python -m fasttune recipes   |   python -m fasttune recipe demo")
@@ -157,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="force the CPU (smoke tests of GPU recipes on tiny models)")
     p.set_defaults(func=cmd_recipe)
 
+    p = verbs.add_parser("data", help="look at a data source as training will see it")
+    data_verbs = p.add_subparsers(dest="data_verb", required=True, metavar="VERB")
+    p = data_verbs.add_parser("inspect", help="token stats, truncation, packing, and examples with the trained tokens highlighted")
+    p.add_argument("source", metavar="SOURCE", help="what data.path takes: a file, a folder, a hub dataset or builtin:<task>")
+    p.add_argument("--recipe", default="demo", metavar="NAME|FILE", help="whose tokenizer, template and masking rules (default: demo)")
+    p.add_argument("-n", type=int, default=3, metavar="N", help="examples to render (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.name=/path/to/model train.max_length=512")
+    p.set_defaults(func=cmd_data_inspect)
+
     p = verbs.add_parser("doctor", help="check versions, GPU, bitsandbytes, Unsloth and disk")
     p.add_argument("--output-dir", default="runs", help="where runs are written (for the free-disk check)")
     p.set_defaults(func=cmd_doctor)
@@ -164,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `data inspect SOURCE --json k=v`: argparse leaves overrides that follow an option unparsed.
+    if getattr(args, "data_verb", None) == "inspect" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as err:

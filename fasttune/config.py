@@ -48,20 +48,28 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = ""
-    """A .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` folder, a hub dataset, or ``builtin:<task>``."""
+    path: typing.Union[str, list[str]] = ""
+    """A .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` folder, a hub dataset, or ``builtin:<task>``;
+    several (a list, or commas on the command line) are read in order and must share one row shape."""
     split: str = "train"
     """Split to read from a hub dataset or ``save_to_disk`` folder."""
     format: typing.Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = "auto"
-    """Row shape; ``auto`` detects it from the columns."""
+    """Row shape; ``auto`` detects it from the columns (after ``mapping``)."""
+    mapping: typing.Optional[dict] = None
+    """Column templates that build rows of a known shape: ``user``/``assistant`` (and ``system``) build a
+    conversation, e.g. ``assistant: "<think>{Complex_CoT}</think>{Response}"``; ``prompt``/``completion`` or
+    ``text`` build those columns. ``{Column}`` is a column of the data; see fasttune/data/mapping.py."""
+    on_bad_row: typing.Literal["error", "skip"] = "error"
+    """A row with a missing or empty field, an unknown role or no assistant turn: ``error`` stops and lists
+    every kind; ``skip`` drops those rows and reports how many of each kind."""
     chat_template: typing.Optional[str] = None
     """Training chat template (see fasttune/families/templates); default: the family's."""
     system_prompt: typing.Optional[str] = None
     """System turn added to conversations that have none."""
-    eval_path: typing.Optional[str] = None
-    """A separate held-out file (same shapes as ``path``)."""
+    eval_path: typing.Union[str, list[str], None] = None
+    """A separate held-out file, or several (same shape as ``path``); used instead of ``eval_fraction``."""
     eval_fraction: float = 0.0
-    """Fraction of ``path`` held out for evaluation when there is no ``eval_path``."""
+    """Fraction of ``path`` held out for evaluation (seeded by ``seed``) when there is no ``eval_path``."""
     max_rows: typing.Optional[int] = None
     """Use only the first N training rows."""
     eval_rows: typing.Optional[int] = None
@@ -185,6 +193,26 @@ def _owned_section(section: str, cls: type, values: object, problems: list[Probl
     return cls(**kwargs)
 
 
+def _data_problems(data: DataSection) -> list[Problem]:
+    """Checks of ``data`` fields beyond their types (the files themselves are read by fasttune.data)."""
+    from fasttune.data.mapping import compile_mapping
+    from fasttune.data.sources import BUILTIN_PREFIX, source_paths
+
+    problems = []
+    paths = source_paths(data.path)
+    if len(paths) > 1 and any(p.startswith(BUILTIN_PREFIX) for p in paths):
+        problems.append(Problem("data.path", data.path, "a builtin: task cannot be combined with other sources",
+                                "use the builtin task alone, or only files and hub datasets"))
+    for key in ("max_rows", "eval_rows"):
+        value = getattr(data, key)
+        if value is not None and value < (1 if key == "max_rows" else 0):
+            problems.append(Problem(f"data.{key}", value, "must be a positive number of rows" if key == "max_rows" else "must be 0 or more",
+                                    f"set it to a row count, or null for all rows"))
+    if data.mapping is not None:
+        problems.extend(compile_mapping(data.mapping)[1])
+    return problems
+
+
 def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read, merge, override and check a recipe; all problems are raised together."""
     source = recipes.load_merged(name_or_path)
@@ -230,6 +258,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
         problems.append(Problem("data.path", None, "every recipe names its training data", "set data.path=<file.jsonl>"))
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(Problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)", "use e.g. 0.05 for a 5% held-out split"))
+    problems.extend(_data_problems(data))
 
     if family in FAMILIES:
         fam = FAMILIES[family]

@@ -60,6 +60,9 @@ def dry_run(recipe: Recipe, bound: Bound) -> DryRunReport:
     try:
         data = prepare(recipe)
         report.checked.append(f"data {data.source}: {len(data.train)} train / {len(data.eval)} eval rows, format {data.format}")
+        for source_report in (data.report, data.eval_report):
+            if source_report is not None:
+                report.checked.extend(source_report.lines())
     except SourceUnavailable as err:
         report.not_checked.append(f"data: {err}")
 

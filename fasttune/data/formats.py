@@ -1,20 +1,38 @@
-"""Row shapes: detect which one a dataset has and convert it to one of TRL's four.
+"""Row shapes: detect which one a dataset has and convert each row to one of TRL's four.
 
 TRL's SFTTrainer takes ``{"text"}``, ``{"messages"}``, ``{"prompt", "completion"}`` (strings) and
-conversational prompt-completion (lists of messages). Alpaca and ShareGPT rows are converted to
-``messages``; a default system prompt is added to conversations without one.
+conversational prompt-completion (both lists of messages); see
+https://huggingface.co/docs/trl/en/dataset_formats (TRL 0.2x). Those pass through unchanged.
+Alpaca (``instruction``, ``input``, ``output``) and ShareGPT (``conversations`` of ``from``/``value``
+turns) rows are converted to ``messages``; a default system prompt is added to conversations
+without one. A bad row raises :class:`BadRow`, whose ``kind`` groups it with rows wrong the same way.
 """
 from __future__ import annotations
+
+import typing
 
 from fasttune.errors import Problem, UserError
 
 ROLES = ("system", "user", "assistant")
+# ShareGPT role names (https://huggingface.co/datasets/mlabonne/FineTome-100k uses human/gpt/system).
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-MAX_REPORTED = 5
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+SHAPES = ("messages | conversations (ShareGPT) | instruction+output (Alpaca) | prompt+completion | text")
+SKIP_HINT = "or set data.on_bad_row=skip to drop them"
 
 
-def detect(columns: set[str]) -> str:
-    """The format name for a row's keys; ``UserError`` when no known shape fits."""
+class BadRow(ValueError):
+    """What is wrong with one row: ``kind`` is the same text for every row wrong the same way."""
+
+    def __init__(self, kind: str, fix: str):
+        super().__init__(kind)
+        self.kind = kind
+        self.fix = f"{fix}, {SKIP_HINT}"
+
+
+def detect_shape(columns: typing.Iterable[str]) -> typing.Optional[str]:
+    """The format name for a row's keys, or ``None`` when no known shape fits."""
+    columns = set(columns)
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:
@@ -25,82 +43,100 @@ def detect(columns: set[str]) -> str:
         return "prompt_completion"
     if "text" in columns:
         return "text"
-    raise UserError(Problem("data", sorted(columns), "rows need one of: messages | conversations (ShareGPT) | "
-                            "instruction+output (Alpaca) | prompt+completion | text",
-                            "rename the columns, or set data.format"))
+    return None
+
+
+def detect(columns: typing.Iterable[str], source: str = "data") -> str:
+    """The format name for a row's keys; ``UserError`` when no known shape fits."""
+    fmt = detect_shape(columns)
+    if fmt is None:
+        raise UserError(Problem(source, sorted(columns), f"rows need the columns of one of: {SHAPES}",
+                                "rename the columns, describe them with data.mapping, or set data.format"))
+    return fmt
+
+
+def _text(row: dict, key: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if value is None:
+        raise BadRow(f"field `{key}` is missing", f"add `{key}` to those rows")
+    if not isinstance(value, str):
+        raise BadRow(f"field `{key}` is not text", f"make `{key}` a string in those rows")
+    if not allow_empty and not value.strip():
+        raise BadRow(f"field `{key}` is empty", f"fill in `{key}` in those rows")
+    return value
 
 
 def _from_sharegpt(row: dict) -> list[dict]:
-    turns = row["conversations"]
+    turns = row.get("conversations")
     if not isinstance(turns, list):
-        raise ValueError("`conversations` must be a list of {from, value} turns")
+        raise BadRow("`conversations` is not a list of {from, value} turns", "make `conversations` a list of turns")
     out = []
     for turn in turns:
-        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if not isinstance(turn, dict):
+            raise BadRow("a ShareGPT turn is not a {from, value} object", "write each turn as {\"from\": ..., \"value\": ...}")
+        name = turn.get("from", turn.get("role"))
+        role = SHAREGPT_ROLES.get(str(name).lower())
         if role is None:
-            raise ValueError(f"unknown ShareGPT role {turn.get('from')!r} (known: {', '.join(SHAREGPT_ROLES)})")
-        out.append({"role": role, "content": turn.get("value")})
+            raise BadRow(f"unknown ShareGPT role {name!r} (known: {', '.join(SHAREGPT_ROLES)})",
+                         "use human, gpt or system in `from`")
+        out.append({"role": role, "content": turn.get("value", turn.get("content"))})
     return out
 
 
 def _from_alpaca(row: dict) -> list[dict]:
-    prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    instruction, output = _text(row, "instruction"), _text(row, "output")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRow("field `input` is not text", "make `input` a string (or leave it out) in those rows")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _check_messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("`messages` must be a non-empty list of {role, content}")
+def _check_messages(messages: object, key: str = "messages", needs_assistant: bool = True) -> list[dict]:
+    if not isinstance(messages, list):
+        raise BadRow(f"`{key}` is not a list of {{role, content}} messages", f"make `{key}` a list of messages")
+    if not messages:
+        raise BadRow(f"`{key}` is an empty conversation", "add the conversation's turns")
     clean = []
     for message in messages:
         if not isinstance(message, dict) or "role" not in message:
-            raise ValueError("each message needs a `role` and a `content`")
-        if message["role"] not in ROLES:
-            raise ValueError(f"unknown role {message['role']!r} (known: {', '.join(ROLES)})")
-        if not isinstance(message.get("content"), str) or not message["content"].strip():
-            raise ValueError(f"a {message['role']} message has empty or non-text content")
-        clean.append({"role": message["role"], "content": message["content"]})
-    if not any(m["role"] == "assistant" for m in clean):
-        raise ValueError("the conversation has no assistant turn (nothing to learn)")
+            raise BadRow("a message has no `role`", "give every message a role and a content")
+        role = message["role"]
+        if role not in ROLES:
+            raise BadRow(f"unknown role {role!r} (known: {', '.join(ROLES)})", "use system, user or assistant as the role")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise BadRow(f"a {role} message is empty or not text", f"fill in the {role} message's content")
+        clean.append(dict(message))
+    if needs_assistant and not any(m["role"] == "assistant" for m in clean):
+        raise BadRow("conversation has no assistant turn", "add the assistant's reply to those rows")
     return clean
 
 
-def convert(row: dict, fmt: str, system_prompt: str | None) -> dict:
-    """One row in TRL's shape; ``ValueError`` says what is wrong with it."""
+def _with_system(messages: list[dict], system_prompt: typing.Optional[str]) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def convert(row: dict, fmt: str, system_prompt: typing.Optional[str] = None) -> dict:
+    """One row in TRL's shape; :class:`BadRow` says what is wrong with it."""
     if fmt in ("messages", "sharegpt", "alpaca"):
-        raw = row["messages"] if fmt == "messages" else _from_sharegpt(row) if fmt == "sharegpt" else _from_alpaca(row)
-        messages = _check_messages(raw)
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        return {"messages": messages}
+        raw = row.get("messages") if fmt == "messages" else _from_sharegpt(row) if fmt == "sharegpt" else _from_alpaca(row)
+        if fmt == "messages" and "messages" not in row:
+            raise BadRow("field `messages` is missing", "add `messages` to those rows")
+        return {"messages": _with_system(_check_messages(raw), system_prompt)}
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
-        if isinstance(prompt, list):
-            return {"prompt": _check_messages([*prompt, *completion])[: len(prompt)], "completion": completion}
-        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
-            raise ValueError("`prompt` and `completion` must be non-empty text")
-        return {"prompt": prompt, "completion": completion}
-    text = row.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("`text` must be non-empty text")
-    return {"text": text}
+        if isinstance(prompt, list) or isinstance(completion, list):
+            if not (isinstance(prompt, list) and isinstance(completion, list)):
+                raise BadRow("`prompt` and `completion` are not both lists of messages",
+                             "write both as lists of messages (conversational) or both as text")
+            prompt = _check_messages(prompt, "prompt", needs_assistant=False)
+            completion = _check_messages(completion, "completion")
+            return {"prompt": _with_system(prompt, system_prompt), "completion": completion}
+        return {"prompt": _text(row, "prompt"), "completion": _text(row, "completion")}
+    if fmt == "text":
+        return {"text": _text(row, "text")}
+    raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
-
-def to_trl(rows: list[dict], fmt: str, system_prompt: str | None, source: str) -> tuple[list[dict], str]:
-    """All rows converted; bad rows are reported together (row numbers are 1-based)."""
-    if not rows:
-        raise UserError(Problem("data.path", source, "holds no rows", "point data.path at a file with examples"))
-    if fmt == "auto":
-        fmt = detect(set(rows[0]))
-    out, problems = [], []
-    for number, row in enumerate(rows, start=1):
-        try:
-            out.append(convert(row, fmt, system_prompt))
-        except (KeyError, ValueError, TypeError) as err:
-            problems.append(Problem(f"{source} row {number}", None, f"{fmt} row: {err}", "fix or remove that row"))
-    if problems:
-        shown = problems[:MAX_REPORTED]
-        if len(problems) > MAX_REPORTED:
-            shown.append(Problem(source, f"{len(problems) - MAX_REPORTED} more rows", "have the same kind of problems", "fix them too"))
-        raise UserError(shown, f"{len(problems)} of {len(rows)} rows in {source} are malformed")
-    return out, fmt

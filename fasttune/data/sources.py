@@ -1,40 +1,83 @@
 """Where training rows come from: local files, ``save_to_disk`` folders, the hub, built-in tasks.
 
-Every source becomes a list of plain dict rows. Errors name the file, the line and the fix; the
-user's files are only ever read.
+Every source becomes a list of plain dict rows. ``data.path`` may name several sources (a YAML
+list, or a comma-separated string on the command line); their rows are concatenated in order.
+Errors name the file, the line and the fix; the user's files are only ever read.
 """
 from __future__ import annotations
 
+import csv
 import json
+import os
+import typing
 from pathlib import Path
 
 from fasttune.errors import Problem, UserError
 
 BUILTIN_PREFIX = "builtin:"
+FILE_KINDS = ".jsonl, .json, .csv, .parquet, a save_to_disk folder"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(Problem(f"{path}:{number}", line.strip()[:80], f"is not valid JSON ({err.msg} at column {err.colno})",
-                                        "fix or delete that line (each line of a .jsonl file is one JSON object)")) from None
-            if not isinstance(row, dict):
-                raise UserError(Problem(f"{path}:{number}", type(row).__name__, "each line must be a JSON object {...}",
-                                        "wrap the line's fields in an object"))
-            rows.append(row)
+class SourceUnavailable(Exception):
+    """A hub dataset that cannot be reached from here (offline, not cached): not the user's typo."""
+
+
+def source_paths(spec: typing.Union[str, list, None]) -> list[str]:
+    """The sources named by ``data.path``: a list, or one string with commas between sources."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec or "").split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def load_rows(spec: typing.Union[str, list], split: str = "train") -> list[dict]:
+    """All rows of one or several sources, in order. ``builtin:`` sources are handled by the caller."""
+    rows: list[dict] = []
+    for path in source_paths(spec):
+        rows.extend(load_source(path, split))
     return rows
 
 
-def _read_json(path: Path) -> list[dict]:
+def load_source(spec: str, split: str = "train") -> list[dict]:
+    """All rows of one file, folder or hub dataset."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _read_saved(path, split)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix in readers:
+        if not path.is_file():
+            raise UserError(Problem("data.path", str(path), "no such file", "check the path (relative paths start from the current folder)"))
+        return readers[path.suffix](path)
+    if path.suffix or spec.startswith((".", "/", "~")) or path.exists():
+        raise UserError(Problem("data.path", spec, f"is not a file or folder fasttune reads ({FILE_KINDS})",
+                                "check the path and its extension"))
+    return _load_hub(spec, split)
+
+
+def _json_line(path: Path, number: int, line: str) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        row = json.loads(line)
     except json.JSONDecodeError as err:
+        raise UserError(Problem(f"{path}:{number}", line.strip()[:80], f"is not valid JSON ({err.msg} at column {err.colno})",
+                                "fix or delete that line (each line of a .jsonl file is one JSON object)")) from None
+    if not isinstance(row, dict):
+        raise UserError(Problem(f"{path}:{number}", type(row).__name__, "each line must be a JSON object {...}",
+                                "wrap the line's fields in an object"))
+    return row
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8-sig") as handle:
+        return [_json_line(path, number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON Lines saved as .json (what `datasets` to_json writes)
         raise UserError(Problem(f"{path}:{err.lineno}", None, f"is not valid JSON ({err.msg} at column {err.colno})",
                                 "fix the JSON at that line")) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -50,41 +93,43 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def load_rows(spec: str, split: str = "train") -> list[dict]:
-    """All rows of a data source. ``builtin:`` sources are handled by the caller (tasks)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        import datasets
+def _read_csv(path: Path) -> list[dict]:
+    # Reasoning traces easily pass csv's default 128 KiB field limit.
+    csv.field_size_limit(2**31 - 1)
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [dict(row) for row in reader]
+    for number, row in enumerate(rows, start=2):
+        if None in row:  # more cells than header names
+            raise UserError(Problem(f"{path}:{number}", row[None], f"has more cells than the header has columns ({', '.join(reader.fieldnames or [])})",
+                                    "quote cells that contain commas, or fix the header"))
+    return rows
 
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's errors for a damaged file vary by version
+        raise UserError(Problem(str(path), None, f"is not a readable Parquet file ({type(err).__name__}: {str(err)[:200]})",
+                                "check the file, or export the data as .jsonl")) from None
+
+
+def _read_saved(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    try:
         loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise UserError(Problem("data.split", split, f"is not a split of {path} (splits: {', '.join(loaded)})",
-                                        f"set data.split to one of {', '.join(loaded)}"))
-            loaded = loaded[split]
-        return loaded.to_list()
-    if path.suffix == ".jsonl":
-        return _require_file(path) or _read_jsonl(path)
-    if path.suffix == ".json":
-        return _require_file(path) or _read_json(path)
-    if path.suffix in (".csv", ".parquet"):
-        _require_file(path)
-        import datasets
-
-        return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
-    if path.suffix or spec.startswith((".", "/", "~")):
-        raise UserError(Problem("data.path", spec, "is not a file or folder fasttune reads (.jsonl, .json, .csv, .parquet, a save_to_disk folder)",
-                                "check the path and its extension"))
-    return _load_hub(spec, split)
-
-
-def _require_file(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(Problem("data.path", str(path), "no such file", "check the path (relative paths start from the current folder)"))
-
-
-class SourceUnavailable(Exception):
-    """A hub dataset that cannot be reached from here (offline, not cached): not the user's typo."""
+    except FileNotFoundError:
+        raise UserError(Problem("data.path", str(path), "is a folder but not one written by datasets' save_to_disk",
+                                f"point data.path at a file inside it ({FILE_KINDS}) or at a save_to_disk folder")) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(Problem("data.split", split, f"is not a split of {path} (splits: {', '.join(loaded)})",
+                                    f"set data.split to one of {', '.join(loaded)}"))
+        loaded = loaded[split]
+    return loaded.to_list()
 
 
 def _load_hub(name: str, split: str) -> list[dict]:
@@ -93,7 +138,12 @@ def _load_hub(name: str, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(name, split=split).to_list()
     except (ConnectionError, OSError) as err:
-        raise SourceUnavailable(f"hub dataset {name!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
+        offline = " (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not cached)" if _offline() else ""
+        raise SourceUnavailable(f"hub dataset {name!r} could not be loaded{offline}: {type(err).__name__}: {str(err)[:200]}; "
                                 "download it once online, or point data.path at a local file") from None
     except ValueError as err:  # unknown split
         raise UserError(Problem("data.split", split, f"could not be read from {name}: {str(err)[:200]}", "set data.split to an existing split")) from None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -1,0 +1,129 @@
+"""``fasttune data inspect``: what the model will learn from a data source, without loading weights.
+
+Reads the rows as a run would (``prepare``), the tokenizer as a run would (``load_tokenizer``),
+tokenizes and masks them as TRL's SFTTrainer would (``fasttune.data.tokenize``), and renders a few
+examples with the trained tokens highlighted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fasttune.config import Recipe
+from fasttune.data.tokenize import IGNORE, MaskRules, packing_decision, report, tokenize, truncate
+from fasttune.errors import Problem, UserError
+
+
+def tokenizer_source(recipe: Recipe) -> str:
+    """Where the tokenizer loads from, without importing or loading weights."""
+    name = recipe.model.name
+    path = Path(name).expanduser()
+    if name.startswith("package:") or (path.suffix == ".gguf" and path.is_file()):
+        from fasttune.model.gguf_import import cached_folder, default_cache_root, resolve_package_file
+
+        try:
+            gguf = resolve_package_file(name) if name.startswith("package:") else path.resolve()
+        except FileNotFoundError as err:
+            raise UserError(Problem("model.name", name, str(err), "install the package named above")) from None
+        folder = cached_folder(gguf, default_cache_root())
+        if not folder.is_dir():
+            raise UserError(Problem("model.name", name, "is a GGUF file that has not been converted yet (inspect reads tokenizers only)",
+                                    f"convert it once by running the recipe: python -m fasttune recipe {recipe.name}"))
+        return str(folder)
+    if path.is_dir() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise UserError(Problem("model.name", name, "no such folder", "point model.name at a model or tokenizer folder"))
+        return str(path)
+    return name  # a hub id: AutoTokenizer fetches the tokenizer files only
+
+
+def _tokenizer(recipe: Recipe):
+    from fasttune.model.tokenizer import load_tokenizer
+
+    source = tokenizer_source(recipe)
+    try:
+        return load_tokenizer(source, recipe)
+    except (OSError, ValueError) as err:
+        raise UserError(Problem("model.name", recipe.model.name, f"no tokenizer could be loaded from {source}: {err}",
+                                "point model.name at a folder with tokenizer files, or a hub id you have cached")) from None
+
+
+def _sft_and_plan(recipe: Recipe):
+    """The SFTConfig a run would get on this machine (its masking and length fields matter here)."""
+    import tempfile
+
+    from fasttune import machine
+    from fasttune.binding import bind
+
+    plan = machine.plan(recipe, machine.facts())
+    with tempfile.TemporaryDirectory() as tmp:
+        bound = bind(recipe, plan, Path(tmp))
+    return bound.sft, plan
+
+
+def inspect_data(recipe: Recipe, count: int = 3) -> dict:
+    """The inspect document: format, rows, stats and ``count`` examples (see the CLI's --json)."""
+    import datasets
+
+    from fasttune.data.prepare import prepare
+
+    datasets.disable_progress_bars()
+    sft, plan = _sft_and_plan(recipe)
+    data = prepare(recipe)
+    tokenizer = _tokenizer(recipe)
+    rules = MaskRules.from_sft(sft)
+    decision = packing_decision(recipe, plan)
+    tokenized = tokenize(data.train, tokenizer, rules)
+    stats = report(tokenized, rules, decision).to_dict()
+    examples = []
+    for row in tokenized.dataset.select(range(min(count, len(tokenized.dataset)))):
+        ids = truncate(row["input_ids"], rules.max_length, rules.truncation_mode)
+        labels = truncate(row["labels"], rules.max_length, rules.truncation_mode)
+        examples.append({"input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
+                         "trained_text": tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE]),
+                         "pieces": _pieces(ids, labels, tokenizer)})
+    return {"format": data.format, "shape": tokenized.shape, "rows": len(data.train), "eval_rows": len(data.eval),
+            "source": data.source, "tokenizer": tokenizer_source(recipe), "stats": stats, "examples": examples}
+
+
+def _pieces(ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:
+    """(text, trained) runs; each run's text is the difference of decoded prefixes, so a
+    SentencePiece space or a multi-token character is never lost at a run boundary."""
+    pieces, start, before = [], 0, ""
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
+            text = tokenizer.decode(ids[:end])
+            pieces.append((text[len(before):], labels[start] != IGNORE))
+            start, before = end, text
+    return pieces
+
+
+def render(document: dict, console) -> None:
+    from rich.markup import escape
+    from rich.text import Text
+
+    stats = document["stats"]
+    tokens, cut, masked, packing = stats["tokens"], stats["truncation"], stats["fully_masked"], stats["packing"]
+    console.print(f"[bold]data[/] {escape(document['source'])}: {document['rows']} train rows ({document['format']}, TRL shape "
+                  f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
+    console.print(f"[bold]tokens[/] per row: min {tokens['min']}, median {tokens['median']:.0f}, p95 {tokens['p95']:.0f}, "
+                  f"max {tokens['max']}; {tokens['total']:,} in all, {stats['trained_tokens']:,} trained")
+    console.print(f"[bold]truncation[/] max_length {cut['max_length']} ({cut['mode']}): {cut['rows']} rows cut, "
+                  f"{cut['tokens_cut']:,} tokens lost ({cut['trained_tokens_cut']:,} of them trained)")
+    if masked["count"]:
+        shown = ", ".join(map(str, masked["rows"][:20])) + (" ..." if masked["count"] > 20 else "")
+        console.print(f"[yellow]fully masked[/] {masked['count']} rows train nothing (0-based rows: {shown})")
+    if packing["bins"] is not None:
+        console.print(f"[bold]packing[/] {'on' if packing['enabled'] else 'off'} ({escape(packing['reason'])}); efficiency "
+                      f"{packing['efficiency_unpacked']:.0%} padded to max_length, {packing['efficiency_packed']:.0%} "
+                      f"packed (BFD, {packing['bins']} bins)")
+    for i, example in enumerate(document["examples"]):
+        console.rule(f"example {i} ({len(example['input_ids'])} tokens; [bold green]trained[/], [dim]context[/])")
+        text = Text()
+        for piece, trained in example["pieces"]:
+            text.append(piece, style="bold green" if trained else "dim")
+        console.print(text)
+
+
+def to_json(document: dict) -> dict:
+    """The --json document (``pieces`` is for rendering only)."""
+    return {**document, "examples": [{k: v for k, v in e.items() if k != "pieces"} for e in document["examples"]]}
