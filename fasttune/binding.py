@@ -137,6 +137,11 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> Bound:
     train["output_dir"] = str(run_dir / "checkpoints")
     train.setdefault("report_to", "none")
     train.update(device_settings(recipe, plan))
+    if "packing" not in recipe.train:
+        from fasttune.data.tokenize import packing_decision
+
+        train["packing"], reason = packing_decision(recipe, plan)
+        plan.notes.append(f"packing {'on' if train['packing'] else 'off'}: {reason}")
     sft = _construct("train", SFTConfig, train, problems)
 
     lora = None

@@ -97,14 +97,11 @@ def _pieces(ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, boo
     return pieces
 
 
-def render(document: dict, console) -> None:
+def print_stats(stats: dict, console) -> None:
+    """Token lengths, truncation, rows that train nothing, and packing: for inspect and for runs."""
     from rich.markup import escape
-    from rich.text import Text
 
-    stats = document["stats"]
     tokens, cut, masked, packing = stats["tokens"], stats["truncation"], stats["fully_masked"], stats["packing"]
-    console.print(f"[bold]data[/] {escape(document['source'])}: {document['rows']} train rows ({document['format']}, TRL shape "
-                  f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
     console.print(f"[bold]tokens[/] per row: min {tokens['min']}, median {tokens['median']:.0f}, p95 {tokens['p95']:.0f}, "
                   f"max {tokens['max']}; {tokens['total']:,} in all, {stats['trained_tokens']:,} trained")
     console.print(f"[bold]truncation[/] max_length {cut['max_length']} ({cut['mode']}): {cut['rows']} rows cut, "
@@ -116,6 +113,16 @@ def render(document: dict, console) -> None:
         console.print(f"[bold]packing[/] {'on' if packing['enabled'] else 'off'} ({escape(packing['reason'])}); efficiency "
                       f"{packing['efficiency_unpacked']:.0%} padded to max_length, {packing['efficiency_packed']:.0%} "
                       f"packed (BFD, {packing['bins']} bins)")
+
+
+def render(document: dict, console) -> None:
+    from rich.markup import escape
+    from rich.text import Text
+
+    stats = document["stats"]
+    console.print(f"[bold]data[/] {escape(document['source'])}: {document['rows']} train rows ({document['format']}, TRL shape "
+                  f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
+    print_stats(stats, console)
     for i, example in enumerate(document["examples"]):
         console.rule(f"example {i} ({len(example['input_ids'])} tokens; [bold green]trained[/], [dim]context[/])")
         text = Text()

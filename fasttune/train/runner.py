@@ -89,8 +89,11 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     gguf = recipe.model.name.startswith("package:") or recipe.model.name.endswith(".gguf")
     console.print(f"[bold]model[/] loading {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})"
                   + ("; a GGUF file is converted once, then cached" if gguf else ""))
+    for line in (data.report.lines() if data.report else []):
+        console.print(f"[yellow]data[/] {escape(line)}")
     source = resolve_model_source(recipe.model.name)
     tokenizer = load_tokenizer(source, recipe)
+    _print_data_stats(recipe, plan, bound, data, tokenizer, console)
     model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
     task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
     trainer = SFTTrainer(
@@ -151,6 +154,17 @@ def save(session: Session) -> None:
         "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
     })
     session.after = after
+
+
+def _print_data_stats(recipe: Recipe, plan: MachinePlan, bound: Bound, data, tokenizer, console) -> None:
+    """What `data inspect` reports, for the rows this run trains on: lengths, truncation, rows
+    that train nothing (TRL drops those silently) and packing, with its reason."""
+    from fasttune.data.inspect import print_stats
+    from fasttune.data.tokenize import MaskRules, packing_decision, report, tokenize
+
+    rules = MaskRules.from_sft(bound.sft)
+    _, reason = packing_decision(recipe, plan)
+    print_stats(report(tokenize(data.train, tokenizer, rules), rules, (bound.sft.packing, reason)).to_dict(), console)
 
 
 def quiet_library_progress_bars() -> None:
