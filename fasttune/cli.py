@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttune.errors import EXIT_USER_ERROR, Problem, UserError
+from fasttune.errors import EXIT_USER_ERROR, Problem, SourceUnavailable, UserError
 
 
 def _console():
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"fasttune: {err.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except SourceUnavailable as err:
+        print(f"fasttune: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("fasttune: interrupted", file=sys.stderr)

@@ -40,3 +40,9 @@ class UserError(Exception):
         count = len(self.problems)
         head = f"{self.title}: {count} problem{'s' if count > 1 else ''}"
         return "\n".join([head, *(f"  - {p.render()}" for p in self.problems)])
+
+
+class SourceUnavailable(Exception):
+    """Something the run needs cannot be reached from this machine (a hub dataset while offline,
+    not cached): not a typo, but the user must still act. The CLI prints it and exits with 2;
+    ``--dry-run`` lists it as not checked."""

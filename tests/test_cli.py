@@ -101,3 +101,18 @@ def test_dry_run_of_a_gpu_recipe_checks_everything_offline_and_loads_no_weights(
     assert "checked recipe keys and values bound to SFTConfig, LoraConfig, BitsAndBytesConfig" in result.stdout
     assert "not checked" in result.stdout  # the hub is unreachable here: said, not hidden
     assert "no weights were loaded" in result.stdout
+
+
+def test_unreachable_hub_dataset_is_one_clear_message():
+    result = fasttune("data", "inspect", "someone/not-cached-dataset", "--recipe", "demo")
+    assert_user_error(result, "someone/not-cached-dataset", "could not be loaded", "point data.path at a local file")
+
+
+def test_data_inspect_marks_trained_text_without_colours(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"conversations": [{"from": "human", "value": "Capital of Italy?"}, {"from": "gpt", "value": "Rome."}]}\n')
+    result = fasttune("data", "inspect", str(data), "--recipe", "demo")
+    if result.returncode == 2 and "has not been converted yet" in result.stderr:
+        pytest.skip("the demo model has not been converted from GGUF on this machine yet")
+    assert result.returncode == 0, result.stderr
+    assert "sharegpt" in result.stdout and "⟦Rome.<|im_end|>⟧" in result.stdout

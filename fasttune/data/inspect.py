@@ -112,7 +112,7 @@ def print_stats(stats: dict, console) -> None:
     if packing["bins"] is not None:
         console.print(f"[bold]packing[/] {'on' if packing['enabled'] else 'off'} ({escape(packing['reason'])}); efficiency "
                       f"{packing['efficiency_unpacked']:.0%} padded to max_length, {packing['efficiency_packed']:.0%} "
-                      f"packed (BFD, {packing['bins']} bins)")
+                      f"packed (BFD, {packing['bins']} bin{'s' if packing['bins'] != 1 else ''})")
 
 
 def render(document: dict, console) -> None:
@@ -124,9 +124,12 @@ def render(document: dict, console) -> None:
                   f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
     print_stats(stats, console)
     for i, example in enumerate(document["examples"]):
-        console.rule(f"example {i} ({len(example['input_ids'])} tokens; [bold green]trained[/], [dim]context[/])")
+        legend = "[bold green]trained[/], [dim]context[/]" if console.is_terminal else "⟦trained⟧, context"
+        console.rule(f"example {i} ({len(example['input_ids'])} tokens; {legend})")
         text = Text()
         for piece, trained in example["pieces"]:
+            if trained and not console.is_terminal:
+                piece = f"⟦{piece}⟧"  # no colours in a pipe or a log: mark trained text in brackets
             text.append(piece, style="bold green" if trained else "dim")
         console.print(text)
 

@@ -12,14 +12,10 @@ import os
 import typing
 from pathlib import Path
 
-from fasttune.errors import Problem, UserError
+from fasttune.errors import Problem, SourceUnavailable, UserError
 
 BUILTIN_PREFIX = "builtin:"
 FILE_KINDS = ".jsonl, .json, .csv, .parquet, a save_to_disk folder"
-
-
-class SourceUnavailable(Exception):
-    """A hub dataset that cannot be reached from here (offline, not cached): not the user's typo."""
 
 
 def source_paths(spec: typing.Union[str, list, None]) -> list[str]:
