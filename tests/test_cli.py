@@ -109,10 +109,12 @@ def test_unreachable_hub_dataset_is_one_clear_message():
 
 
 def test_data_inspect_marks_trained_text_without_colours(tmp_path):
+    from fixtures.tiny_models import build_tiny_model
+    from fixtures.tokenizers import load_tokenizer
+
+    model = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "model")
     data = tmp_path / "chat.jsonl"
     data.write_text('{"conversations": [{"from": "human", "value": "Capital of Italy?"}, {"from": "gpt", "value": "Rome."}]}\n')
-    result = fasttune("data", "inspect", str(data), "--recipe", "demo")
-    if result.returncode == 2 and "has not been converted yet" in result.stderr:
-        pytest.skip("the demo model has not been converted from GGUF on this machine yet")
+    result = fasttune("data", "inspect", str(data), "--recipe", "demo", f"model.name={model}")
     assert result.returncode == 0, result.stderr
     assert "sharegpt" in result.stdout and "⟦Rome.<|im_end|>⟧" in result.stdout
