@@ -62,8 +62,9 @@ class DataSection:
     on_bad_row: typing.Literal["error", "skip"] = "error"
     """A row with a missing or empty field, an unknown role or no assistant turn: ``error`` stops and lists
     every kind; ``skip`` drops those rows and reports how many of each kind."""
-    chat_template: typing.Optional[str] = None
-    """Training chat template (see fasttune/families/templates); default: the family's."""
+    chat_template: str = "auto"
+    """Training chat template (fasttune/families/templates). ``auto``: the one matching the
+    tokenizer's own template when that is a known format, else the family's."""
     system_prompt: typing.Optional[str] = None
     """System turn added to conversations that have none."""
     eval_path: typing.Union[str, list[str], None] = None
@@ -262,13 +263,11 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
 
     if family in FAMILIES:
         fam = FAMILIES[family]
-        if data.chat_template is None:
-            data.chat_template = fam.chat_template
         if method in ("qlora", "lora"):
             library["lora"].setdefault("target_modules", list(fam.target_modules))
-    if data.chat_template not in TEMPLATES:
-        problems.append(Problem("data.chat_template", data.chat_template, f"must be one of {', '.join(sorted(TEMPLATES))}",
-                                _suggest(str(data.chat_template), TEMPLATES) or "leave it unset to use the family's template"))
+    if data.chat_template != "auto" and data.chat_template not in TEMPLATES:
+        problems.append(Problem("data.chat_template", data.chat_template, f"must be auto or one of {', '.join(sorted(TEMPLATES))}",
+                                _suggest(str(data.chat_template), TEMPLATES) or "leave it at auto"))
 
     if method == "qlora":
         library["quantization"] = {**QLORA_DEFAULTS, **library["quantization"]}

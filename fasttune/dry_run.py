@@ -71,7 +71,8 @@ def dry_run(recipe: Recipe, bound: Bound) -> DryRunReport:
         return report
     from fasttune.model.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(source, recipe)
+    tokenizer, template = load_tokenizer(source, recipe)
+    report.checked.append(template.describe())
     if data is not None and data.train and "messages" in data.train[0]:
         encoded = tokenizer.apply_chat_template(data.train[0]["messages"], tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
@@ -80,7 +81,7 @@ def dry_run(recipe: Recipe, bound: Bound) -> DryRunReport:
             raise UserError(Problem("data.chat_template", recipe.data.chat_template,
                                     "marks no assistant token in the first example: nothing would be trained",
                                     "use a template with {% generation %} markers (fasttune/families/templates)"))
-        report.checked.append(f"template {recipe.data.chat_template}: first example has {len(encoded['input_ids'])} tokens, "
+        report.checked.append(f"template {template.template.name}: first example has {len(encoded['input_ids'])} tokens, "
                               f"{trained} trained (assistant replies + {tokenizer.eos_token!r})")
     trainable, total = count_parameters_without_weights(source, recipe, bound)
     report.checked.append(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), counted on the meta device")

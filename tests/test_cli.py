@@ -47,7 +47,7 @@ def test_show_prints_the_resolved_recipe_as_yaml():
     shown = yaml.safe_load(result.stdout)
     assert shown["family"] == "phi3" and shown["lora"]["r"] == 8
     assert shown["lora"]["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    assert shown["quantization"]["bnb_4bit_quant_type"] == "nf4" and shown["data"]["chat_template"] == "phi3"
+    assert shown["quantization"]["bnb_4bit_quant_type"] == "nf4" and shown["data"]["chat_template"] == "auto"
 
 
 def test_cp_writes_an_editable_copy_and_never_overwrites(tmp_path):

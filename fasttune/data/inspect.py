@@ -41,7 +41,7 @@ def _tokenizer(recipe: Recipe):
 
     source = tokenizer_source(recipe)
     try:
-        return load_tokenizer(source, recipe)
+        return load_tokenizer(source, recipe)[0]
     except (OSError, ValueError) as err:
         raise UserError(Problem("model.name", recipe.model.name, f"no tokenizer could be loaded from {source}: {err}",
                                 "point model.name at a folder with tokenizer files, or a hub id you have cached")) from None

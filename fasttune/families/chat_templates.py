@@ -19,6 +19,9 @@ class ChatTemplate:
     """File stem in ``families/templates`` (e.g. ``"llama3"``)."""
     end_of_turn: str
     """Token text closing every assistant reply; it is inside the trained span."""
+    opens_turn: str
+    """Token text that opens a turn in the publisher's original: how fasttune recognizes a
+    tokenizer's own template as this format (model/tokenizer.py)."""
     stop: tuple[str, ...]
     """Strings that end generation (Ollama ``PARAMETER stop``): the end of turn, the text that
     opens the next turn, and the vocabulary's end of text where it differs."""
@@ -36,42 +39,49 @@ TEMPLATES: dict[str, ChatTemplate] = {
     for template in (
         ChatTemplate(
             name="llama3",
+            opens_turn="<|start_header_id|>",
             end_of_turn="<|eot_id|>",
             stop=("<|eot_id|>", "<|start_header_id|>", "<|end_of_text|>"),
             origin="meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json",
         ),
         ChatTemplate(
             name="chatml",
+            opens_turn="<|im_start|>",
             end_of_turn="<|im_end|>",
             stop=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
             origin="HuggingFaceTB/SmolLM2-135M-Instruct (chat template embedded in its GGUF)",
         ),
         ChatTemplate(
             name="mistral",
+            opens_turn="[INST]",
             end_of_turn="</s>",
             stop=("</s>", "[INST]"),
             origin="mistralai/Mistral-7B-Instruct-v0.3 (tokenizer v3, as mistral-common 1.13.1 encodes it)",
         ),
         ChatTemplate(
             name="qwen2_5",
+            opens_turn="<|im_start|>",
             end_of_turn="<|im_end|>",
             stop=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
             origin="Qwen/Qwen2.5-7B-Instruct tokenizer_config.json",
         ),
         ChatTemplate(
             name="qwen3",
+            opens_turn="<|im_start|>",
             end_of_turn="<|im_end|>",
             stop=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
             origin="Qwen/Qwen3-8B tokenizer_config.json",
         ),
         ChatTemplate(
             name="gemma",
+            opens_turn="<start_of_turn>",
             end_of_turn="<end_of_turn>",
             stop=("<end_of_turn>", "<start_of_turn>", "<eos>"),
             origin="google/gemma-2-9b-it tokenizer_config.json",
         ),
         ChatTemplate(
             name="phi3",
+            opens_turn="<|user|>",
             end_of_turn="<|end|>",
             stop=("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
             origin="microsoft/Phi-3-mini-4k-instruct tokenizer_config.json",

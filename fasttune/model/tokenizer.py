@@ -6,21 +6,52 @@ evaluation, merged model, exports) reads it from there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
 from fasttune.families import get_family
-from fasttune.families.chat_templates import get_template
+from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template
 
 
-def apply_policy(tokenizer, recipe: Recipe) -> None:
-    """Set chat template, EOS (the end-of-turn token, trained) and a pad token distinct from it."""
-    template = get_template(recipe.data.chat_template)
+@dataclass(frozen=True)
+class TemplateChoice:
+    template: ChatTemplate
+    reason: str
+
+    def describe(self) -> str:
+        return f"chat template {self.template.name} ({self.reason}); end of turn {self.template.end_of_turn!r} is trained"
+
+
+def choose_template(own: str | None, recipe: Recipe, vocab: dict) -> TemplateChoice:
+    """The training template for a tokenizer whose own template is ``own``.
+
+    ``data.chat_template`` set by the recipe wins. Otherwise the tokenizer's own template is
+    recognized by the token that opens its turns (SmolLM2 is ``model_type: llama`` but speaks
+    ChatML); the family's format is preferred when it fits, and used when nothing known fits.
+    """
+    if recipe.data.chat_template != "auto":
+        return TemplateChoice(get_template(recipe.data.chat_template), "set by the recipe")
     family = get_family(recipe.family)
+    default = get_template(family.chat_template)
+    if not own:
+        return TemplateChoice(default, f"the {family.model_type} family's; the tokenizer has no template of its own")
+    for candidate in (default, *TEMPLATES.values()):
+        if candidate.opens_turn in own and candidate.end_of_turn in vocab:
+            whose = "the family's, " if candidate is default else ""
+            return TemplateChoice(candidate, f"{whose}matches the tokenizer's own template ({candidate.opens_turn} turns)")
+    return TemplateChoice(default, f"the {family.model_type} family's; the tokenizer's own template is not a known format")
+
+
+def apply_policy(tokenizer, recipe: Recipe) -> TemplateChoice:
+    """Set chat template, EOS (the end-of-turn token, trained) and a pad token distinct from it."""
     vocab = tokenizer.get_vocab()
+    choice = choose_template(tokenizer.chat_template, recipe, vocab)
+    template, family = choice.template, get_family(recipe.family)
     if template.end_of_turn not in vocab:
         raise UserError(Problem("data.chat_template", template.name,
                                 f"ends turns with {template.end_of_turn!r}, which this tokenizer does not have",
-                                f"use the template that matches {recipe.model.name} (the family default is {family.chat_template})"))
+                                f"use the template that matches {recipe.model.name}, or data.chat_template=auto"))
     tokenizer.chat_template = template.source()
     tokenizer.eos_token = template.end_of_turn
     pad = next((t for t in family.pad_candidates if t in vocab and t != template.end_of_turn), None)
@@ -31,12 +62,13 @@ def apply_policy(tokenizer, recipe: Recipe) -> None:
                                 f"has no pad token other than the end-of-turn {template.end_of_turn!r} (tried {', '.join(family.pad_candidates)})",
                                 "padding with the end-of-turn token would hide it from the loss; use a tokenizer with a spare token"))
     tokenizer.pad_token = pad
+    return choice
 
 
 def load_tokenizer(source: str, recipe: Recipe):
+    """``(tokenizer, TemplateChoice)``: the tokenizer from ``source`` with the policy applied."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
                                               trust_remote_code=recipe.model.trust_remote_code)
-    apply_policy(tokenizer, recipe)
-    return tokenizer
+    return tokenizer, apply_policy(tokenizer, recipe)

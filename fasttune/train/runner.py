@@ -92,7 +92,8 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     for line in (data.report.lines() if data.report else []):
         console.print(f"[yellow]data[/] {escape(line)}")
     source = resolve_model_source(recipe.model.name)
-    tokenizer = load_tokenizer(source, recipe)
+    tokenizer, template = load_tokenizer(source, recipe)
+    console.print(f"[bold]template[/] {escape(template.describe())}")
     _print_data_stats(recipe, plan, bound, data, tokenizer, console)
     model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
     task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
