@@ -185,7 +185,9 @@ class PackingStats:
 
 
 @dataclass
-class DataReport:
+class TokenReport:
+    """What tokenizing did to the rows: lengths, truncation, rows that train nothing, packing."""
+
     rows: int
     tokens: dict
     """min, median, p95, max, total (before truncation)."""
@@ -201,7 +203,7 @@ class DataReport:
         return asdict(self)
 
 
-def report(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False, "")) -> DataReport:
+def report(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False, "")) -> TokenReport:
     import numpy as np
 
     lengths = np.asarray(tok.facts["length"], dtype=np.int64)
@@ -219,7 +221,7 @@ def report(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False,
         stats.bins = bins
         stats.efficiency_unpacked = round(float(kept.sum()) / (len(kept) * max_length), 4)
         stats.efficiency_packed = round(float(kept.sum()) / (bins * max_length), 4)
-    return DataReport(
+    return TokenReport(
         rows=len(lengths),
         tokens={"min": int(lengths.min()), "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
                 "max": int(lengths.max()), "total": int(lengths.sum())},
