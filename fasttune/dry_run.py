@@ -72,7 +72,7 @@ def dry_run(recipe: Recipe, bound: Bound) -> DryRunReport:
     from fasttune.model.tokenizer import load_tokenizer
 
     tokenizer, template = load_tokenizer(source, recipe)
-    report.checked.append(template.describe())
+    report.checked.append(f"chat template {template.describe()}")
     if data is not None and data.train and "messages" in data.train[0]:
         encoded = tokenizer.apply_chat_template(data.train[0]["messages"], tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)

@@ -20,7 +20,7 @@ class TemplateChoice:
     reason: str
 
     def describe(self) -> str:
-        return f"chat template {self.template.name} ({self.reason}); end of turn {self.template.end_of_turn!r} is trained"
+        return f"{self.template.name} ({self.reason}); end of turn {self.template.end_of_turn!r} is trained"
 
 
 def choose_template(own: str | None, recipe: Recipe, vocab: dict) -> TemplateChoice:
