@@ -77,6 +77,9 @@ def cmd_recipe(args) -> int:
 
     from fasttune import config
 
+    if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a run folder
+        args.overrides.append(args.resume)
+        args.resume = ""
     recipe = config.resolve(args.recipe, args.overrides)
     console = _console()
     from fasttune import machine
@@ -88,7 +91,17 @@ def cmd_recipe(args) -> int:
     from fasttune.binding import bind
     from fasttune.train.runner import new_run_dir
 
-    run_dir = new_run_dir(recipe)
+    resume_from = None
+    if args.resume is not None:
+        from fasttune.train.resume import check_unchanged, find_run_dir, last_checkpoint
+
+        run_dir = find_run_dir(recipe, args.resume or None)
+        for difference in check_unchanged(run_dir, recipe, args.force):
+            console.print(f"[yellow]changed[/] {escape(difference)} (resuming anyway: --force)")
+        resume_from = last_checkpoint(run_dir)
+        console.print(f"[bold]resume[/] {escape(str(run_dir))} from {escape(resume_from or 'the start (no checkpoint yet)')}")
+    else:
+        run_dir = new_run_dir(recipe)
     bound = bind(recipe, plan, run_dir)
     console.print(f"[bold]recipe[/] {escape(recipe.name)}: {escape(recipe.description)}")
     console.print(f"[bold]plan[/] {escape(plan.summary())}")
@@ -98,7 +111,14 @@ def cmd_recipe(args) -> int:
         return _print_dry_run(recipe, bound, found, args, console)
     from fasttune.train.runner import run
 
-    session = run(recipe, plan, bound, run_dir, console)
+    from fasttune.train.resume import TrainingInterrupted
+
+    try:
+        session = run(recipe, plan, bound, run_dir, console, resume_from)
+    except TrainingInterrupted as stop:
+        console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: python -m fasttune recipe "
+                      f"{escape(args.recipe)} --resume {escape(str(stop.run_dir))}")
+        return 130
     console.print(f"[bold green]done[/] everything is in {escape(str(session.run_dir))}/ (report.md, adapter/, metrics.jsonl, loss.png)")
     return 0
 
@@ -172,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides: train.learning_rate=1e-4 lora.r=32 data.path=my.jsonl model.name=/path/to/model")
     p.add_argument("--dry-run", action="store_true", help="resolve and validate everything; load no weights")
     p.add_argument("--cpu", action="store_true", help="force the CPU (smoke tests of GPU recipes on tiny models)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the latest run of this recipe (or RUN_DIR) from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: resume even if the recipe changed")
     p.set_defaults(func=cmd_recipe)
 
     p = verbs.add_parser("data", help="look at a data source as training will see it")
@@ -193,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `data inspect SOURCE --json k=v`: argparse leaves overrides that follow an option unparsed.
-    if getattr(args, "data_verb", None) == "inspect" and all("=" in e and not e.startswith("-") for e in extra):
+    # `recipe NAME --cpu k=v`, `data inspect SOURCE --json k=v`: argparse leaves overrides that
+    # follow an option unparsed.
+    if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -58,9 +58,9 @@ class Session:
     after: dict | None = None
 
 
-def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> Session:
+def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console, resume_from: str | None = None) -> Session:
     session = setup(recipe, plan, bound, run_dir, console)
-    train(session)
+    train(session, resume_from)
     save(session)
     return session
 
@@ -95,6 +95,11 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     tokenizer, template = load_tokenizer(source, recipe)
     console.print(f"[bold]template[/] {escape(template.describe())}")
     _print_data_stats(recipe, plan, bound, data, tokenizer, console)
+    # TRL attaches LoRA (random A matrices) before Trainer seeds anything: seed first, so the same
+    # recipe gives the same adapter, and a resumed run the same as an uninterrupted one.
+    from transformers import set_seed
+
+    set_seed(bound.sft.seed)
     model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
     task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
     trainer = SFTTrainer(
@@ -115,11 +120,17 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, task, before)
 
 
-def train(session: Session) -> None:
+def train(session: Session, resume_from: str | None = None) -> None:
+    """Train; Ctrl-C saves a checkpoint and raises TrainingInterrupted (see train/resume.py)."""
     from fasttune.train.progress import use_rich_progress
+    from fasttune.train.resume import GracefulInterrupt, TrainingInterrupted
 
-    with use_rich_progress(session.trainer, session.console):
-        session.trainer.train()
+    trainer = session.trainer
+    with GracefulInterrupt(session.console) as interrupt, use_rich_progress(trainer, session.console):
+        trainer.add_callback(interrupt)
+        trainer.train(resume_from_checkpoint=resume_from)
+    if interrupt.requested:
+        raise TrainingInterrupted(session.run_dir, trainer.state.global_step)
     if session.data.eval:
         session.final_eval = session.trainer.evaluate()
 
