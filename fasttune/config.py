@@ -208,7 +208,7 @@ def _data_problems(data: DataSection) -> list[Problem]:
         value = getattr(data, key)
         if value is not None and value < (1 if key == "max_rows" else 0):
             problems.append(Problem(f"data.{key}", value, "must be a positive number of rows" if key == "max_rows" else "must be 0 or more",
-                                    f"set it to a row count, or null for all rows"))
+                                    "set it to a row count, or null for all rows"))
     if data.mapping is not None:
         problems.extend(compile_mapping(data.mapping)[1])
     return problems

@@ -70,7 +70,7 @@ def doctor(output_dir: Path, console) -> int:
 
         console.print(f"[bold]bitsandbytes[/] backend {BNB_BACKEND}")
     except Exception as err:  # a broken native library raises various errors on import
-        console.print(f"[bold]bitsandbytes[/] [red]cannot load[/] " + escape(f"({type(err).__name__}: {err})"))
+        console.print("[bold]bitsandbytes[/] [red]cannot load[/] " + escape(f"({type(err).__name__}: {err})"))
         problems.append(("bitsandbytes cannot load", "reinstall bitsandbytes==" + pins.get("bitsandbytes", "")))
 
     recipe = config.resolve("mistral_qlora")

@@ -45,7 +45,7 @@ def test_csv(tmp_path):
 
 def test_parquet(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
+    import pyarrow.parquet  # noqa: F811  (the submodule, beside the package importorskip returned)
 
     path = tmp_path / "d.parquet"
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(ROWS), path)

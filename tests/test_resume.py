@@ -1,6 +1,5 @@
 """A run killed with SIGKILL, or stopped with Ctrl-C, resumes from its last checkpoint and ends
 with the same adapter as an uninterrupted run; a changed recipe is refused unless forced."""
-import os
 import signal
 import subprocess
 import sys
