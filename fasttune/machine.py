@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
-from fasttune.families import get_family
+from fasttune.families import Family, get_family
+from fasttune.model.fast_path import fast_path_losses
 
 
 @dataclass(frozen=True)
@@ -77,31 +78,54 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
         dtype, dtype_reason = "float16", f"{found.device_name} has no bf16 (pre-Ampere)"
 
     family = get_family(recipe.family)
-    wanted = recipe.model.backend
-    reasons_against = []
-    if not on_gpu:
-        reasons_against.append("no CUDA device" if not found.cuda else "--cpu was given")
-    if not found.unsloth_installed:
-        reasons_against.append("Unsloth is not installed (pip install 'fasttune[unsloth]' -c constraints.txt)")
-    if not family.unsloth:
-        reasons_against.append(f"Unsloth's fused path does not support family {family.model_type}")
-    if recipe.method == "full":
-        reasons_against.append("full fine-tuning runs on the hf backend")
-    if wanted == "unsloth" and reasons_against:
-        raise UserError(Problem("model.backend", "unsloth", "cannot run here: " + "; ".join(reasons_against),
-                                "use model.backend=auto (falls back to transformers + PEFT), or run where the above holds"))
-    if wanted == "hf":
-        backend, backend_reason = "hf", "set by the recipe"
-    elif reasons_against:
-        backend, backend_reason = "hf", reasons_against[0]
-    else:
-        backend, backend_reason = "unsloth", "CUDA + Unsloth installed + supported family"
+    backend, backend_reason = choose_backend(recipe.model.backend, "model.backend", on_gpu=on_gpu, cuda=found.cuda,
+                                             unsloth_installed=found.unsloth_installed, family=family,
+                                             full=recipe.method == "full")
+    if backend == "unsloth" and not on_gpu:
+        notes.append("Unsloth without CUDA runs its CPU fallback: stock transformers + PEFT, none of its fused kernels")
+    elif backend == "unsloth":
+        lora = recipe.lora  # PEFT's defaults where the recipe is silent: dropout 0, bias none
+        for loss in fast_path_losses(lora.get("target_modules"), lora.get("lora_dropout", 0.0), lora.get("bias", "none"), dtype):
+            notes.append(f"Unsloth's fused fast path will be skipped: {loss}")
 
     if on_gpu and recipe.gpu_memory_gb and found.gpu_memory_gb and found.gpu_memory_gb < recipe.gpu_memory_gb:
         notes.append(f"this recipe is sized for {recipe.gpu_memory_gb} GB; {found.device_name} has {found.gpu_memory_gb} GB: "
                      "lower train.per_device_train_batch_size or train.max_length if it runs out of memory")
     return MachinePlan(device, device_name, dtype, dtype_reason, backend, backend_reason,
                        "unsloth" if backend == "unsloth" else recipe.model.attn_implementation, notes)
+
+
+def choose_backend(wanted: str, key: str, *, on_gpu: bool, cuda: bool, unsloth_installed: bool, family: Family | None,
+                   full: bool = False) -> tuple[str, str]:
+    """``(backend, reason)`` for a request of ``auto``, ``unsloth`` or ``hf``.
+
+    ``auto`` takes Unsloth when it is installed, a CUDA device is in use and the family is one its
+    fused path supports; otherwise ``hf``, with the first reason that ruled Unsloth out. An explicit
+    ``unsloth`` is honoured wherever Unsloth can run at all (without CUDA that is its CPU fallback)
+    and refused, naming why, where it cannot. (An Unsloth that fails to import is handled where it is
+    imported: fasttune.model.backends.import_unsloth.)
+    """
+    if wanted == "hf":
+        return "hf", f"{key}=hf"
+    blockers = []
+    if not unsloth_installed:
+        blockers.append("Unsloth is not installed (pip install 'fasttune[unsloth]' -c constraints.txt)")
+    if family is None:
+        blockers.append("fasttune has no family for this model type, so Unsloth support is unknown")
+    elif not family.unsloth:
+        blockers.append(f"Unsloth's fused path does not support family {family.model_type}")
+    if full:
+        blockers.append("full fine-tuning runs on the hf backend")
+    if wanted == "unsloth":
+        if blockers:
+            raise UserError(Problem(key, "unsloth", "cannot run here: " + "; ".join(blockers),
+                                    f"use {key}=auto (falls back to transformers + PEFT), or run where the above holds"))
+        return "unsloth", f"{key}=unsloth" + ("" if on_gpu else "; no CUDA device, so Unsloth's CPU fallback")
+    if not on_gpu:
+        blockers.insert(0, "no CUDA device" if not cuda else "--cpu was given")
+    if blockers:
+        return "hf", blockers[0]
+    return "unsloth", "CUDA + Unsloth installed + supported family"
 
 
 def require_gpu(recipe: Recipe, found: MachineFacts, force_cpu: bool) -> None:

@@ -127,7 +127,9 @@ def write_report(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
         ``recipe`` (str, also the title), ``base_model`` (str), ``method`` (``"lora"``,
         ``"qlora"``), ``backend`` (``"unsloth"``, ``"hf"``), ``backend_reason`` (str, why that
         backend was chosen, shown beside it), ``dtype`` (str), ``attention`` (str,
-        the attention implementation), ``device`` (str, e.g. ``"NVIDIA H100 80GB HBM3"``),
+        the attention implementation), ``fast_path`` (str, Unsloth's patched-layer counts),
+        ``kernels`` (str, extra kernels applied, e.g. Liger), ``device`` (str, e.g.
+        ``"NVIDIA H100 80GB HBM3"``), ``processes`` (int, data-parallel processes),
         ``versions`` (dict package -> version; see ``installed_versions``).
     Data:
         ``data_source`` (str), ``data_format`` (str, e.g. ``"messages"``), ``train_rows`` (int),
@@ -187,8 +189,11 @@ def _what_ran(info: dict[str, Any]) -> str:
             ("method", info.get("method")),
             ("backend", _with_reason(info.get("backend"), info.get("backend_reason"))),
             ("dtype", info.get("dtype")),
+            ("fast path", info.get("fast_path")),
+            ("kernels", info.get("kernels")),
             ("attention", info.get("attention")),
             ("device", info.get("device")),
+            ("processes", info.get("processes")),
         ]
     )
     versions = info.get("versions") or {}

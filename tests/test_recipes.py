@@ -151,9 +151,12 @@ def test_explicit_unsloth_backend_is_refused_where_it_cannot_run():
     from fasttune.errors import UserError
 
     recipe = config.resolve("mistral_qlora", ["model.backend=unsloth"])
-    with pytest.raises(UserError, match="cannot run here: no CUDA device; Unsloth is not installed"):
+    with pytest.raises(UserError, match="cannot run here: Unsloth is not installed"):
         plan(recipe, CPU)
     assert plan(recipe, AMPERE_WITH_UNSLOTH).backend == "unsloth"
+    phi3 = config.resolve("phi3_qlora", ["model.backend=unsloth"])
+    with pytest.raises(UserError, match="does not support family phi3"):
+        plan(phi3, AMPERE_WITH_UNSLOTH)
 
 
 def test_cpu_runs_drop_16_bit_flags_and_say_so(tmp_path):

@@ -19,6 +19,7 @@ from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_b
 from fasttune.binding import Bound
 from fasttune.config import Recipe
 from fasttune.machine import MachinePlan
+from fasttune.train.distributed import is_main, world_size
 
 
 def new_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
@@ -28,11 +29,15 @@ def new_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
     return root / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan) -> None:
+def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine=None) -> None:
+    """The resolved recipe plus what ran it; rewritten once the engine has loaded the model."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    document = {**recipe.to_dict(), "machine": {"device": plan.device_name, "backend": plan.backend,
-                                                "backend_reason": plan.backend_reason, "dtype": plan.dtype,
-                                                "attention": plan.attention}}
+    machine = {"device": plan.device_name, "backend": plan.backend, "backend_reason": plan.backend_reason,
+               "dtype": plan.dtype, "attention": plan.attention, "processes": world_size()}
+    if engine is not None:
+        machine["fast_path"] = engine.fast_path.describe() if engine.fast_path is not None else None
+        machine["kernels"] = engine.kernels
+    document = {**recipe.to_dict(), "machine": machine}
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
 
 
@@ -52,6 +57,8 @@ class Session:
     trainer: object
     """trl.SFTTrainer"""
     started: float
+    engine: object
+    """fasttune.model.backends.Engine: what actually loaded the model"""
     task: object | None = None
     before: dict | None = None
     final_eval: dict | None = None
@@ -67,10 +74,9 @@ def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console,
 
 def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> Session:
     started = time.time()
-    if plan.backend == "unsloth":
-        from fasttune.model.backends.unsloth import import_first
+    from fasttune.model.backends import unsloth_first
 
-        import_first()  # before anything imports transformers, TRL or PEFT
+    unsloth_first(recipe, plan, console)  # a no-op unless the plan says unsloth; the CLI already did it
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -81,7 +87,8 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     from fasttune.train.metrics_log import MetricsLog
 
     quiet_library_progress_bars()
-    write_config(run_dir, recipe, plan)
+    if is_main():
+        write_config(run_dir, recipe, plan)
     if bound.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = bound.logging_dir
     data = prepare(recipe)
@@ -94,21 +101,27 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     source = resolve_model_source(recipe.model.name)
     tokenizer, template = load_tokenizer(source, recipe)
     console.print(f"[bold]template[/] {escape(template.describe())}")
-    _print_data_stats(recipe, plan, bound, data, tokenizer, console)
-    # TRL attaches LoRA (random A matrices) before Trainer seeds anything: seed first, so the same
-    # recipe gives the same adapter, and a resumed run the same as an uninterrupted one.
+    if is_main():
+        _print_data_stats(recipe, plan, bound, data, tokenizer, console)
+    # LoRA's A matrices are random and the Trainer seeds only later: seed first, so the same recipe
+    # gives the same adapter, and a resumed run the same as an uninterrupted one.
     from transformers import set_seed
 
     set_seed(bound.sft.seed)
-    model, peft_config = backends.load(plan.backend, source, recipe, plan, bound)
-    task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
+    model, engine = backends.load(source, recipe, plan, bound)
+    console.print(f"[bold]engine[/] {escape(engine.describe())}")
+    if engine.fast_path is not None and engine.fast_path.layers and not engine.fast_path.fused:
+        console.print("[yellow]slow path[/] Unsloth did not fuse every layer; see the notes above for the settings that cost it")
+    task, before = None, None
+    if is_main():
+        write_config(run_dir, recipe, plan, engine)
+        task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
     trainer = SFTTrainer(
         model=model,
         args=bound.sft,
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
     )
     if bound.bnb is not None:
@@ -117,7 +130,7 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
         keep_adapter_in_plan_dtype(trainer.model, plan)
     trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, task, before)
+    return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, engine, task, before)
 
 
 def train(session: Session, resume_from: str | None = None) -> None:
@@ -140,6 +153,8 @@ def save(session: Session) -> None:
     from fasttune.train.metrics_log import read_metrics
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
+    if not is_main():  # rank 0 writes for every process of a data-parallel run
+        return
     if recipe.export.adapter or recipe.export.merged:
         _save_adapter(trainer, session.tokenizer, run_dir / "adapter")
     _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
@@ -158,6 +173,8 @@ def save(session: Session) -> None:
     write_report(run_dir, {
         "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
         "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
+        "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
+        "kernels": session.engine.kernels, "processes": world_size(),
         "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
         "train_rows": len(data.train), "eval_rows": len(data.eval), "wall_time_s": time.time() - session.started,
         "trainable_params": trainable, "total_params": total, "metrics": metrics,

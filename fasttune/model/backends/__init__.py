@@ -1,16 +1,83 @@
-"""Backends load the base model for training: ``hf`` (transformers + PEFT) and ``unsloth``.
+"""Backends load the base model and attach LoRA: ``hf`` (transformers + PEFT) and ``unsloth``.
 
-Each returns ``(model, peft_config)``: either a model with LoRA already attached and ``None``, or
-the base model and the ``LoraConfig`` for TRL's SFTTrainer to attach.
+:func:`import_unsloth` runs first in a training process whose plan says ``unsloth``; :func:`load`
+then returns ``(model, Engine)``: the model with LoRA attached (the bare base for full
+fine-tuning) and what the engine actually did.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def load(backend: str, source: str, recipe, plan, bound):
-    if backend == "unsloth":
+from fasttune.errors import Problem, UserError
+
+
+@dataclass
+class Engine:
+    """What loaded the model, and how: printed, and written into config.yaml and report.md."""
+
+    backend: str
+    reason: str
+    dtype: str
+    attention: str
+    device: str
+    fast_path: object | None = None
+    """fasttune.model.fast_path.FastPathReport (unsloth backend), else None."""
+    kernels: str | None = None
+    """Extra kernels applied on the hf backend (Liger), else None."""
+    dtype_reason: str = ""
+
+    def describe(self) -> str:
+        parts = [f"backend {self.backend} ({self.reason})", f"dtype {self.dtype}" + (f" ({self.dtype_reason})" if self.dtype_reason else ""), f"attention {self.attention}",
+                 f"device {self.device}"]
+        if self.fast_path is not None:
+            parts.append(self.fast_path.describe())
+        if self.kernels:
+            parts.append(f"kernels: {self.kernels}")
+        return "; ".join(parts)
+
+
+def import_unsloth(explicit: bool, key: str = "model.backend") -> str | None:
+    """Import Unsloth before transformers, TRL and PEFT. ``None`` when it imported; otherwise the
+    reason to fall back to ``hf`` ("Unsloth raised X"), or a UserError when Unsloth was asked for
+    by name (``explicit``)."""
+    from fasttune.model.backends.unsloth import import_first
+
+    try:
+        import_first()
+    except Exception as err:  # any failure inside Unsloth's import (CUDA/driver/version mismatch)
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        reason = f"Unsloth raised {type(err).__name__}: {first_line}"
+        if explicit:
+            raise UserError(Problem(key, "unsloth", f"cannot be used: {reason}",
+                                    f"use {key}=auto or {key}=hf, or repair the install: "
+                                    "pip install 'fasttune[unsloth]' -c constraints.txt")) from None
+        return reason
+    return None
+
+
+def unsloth_first(recipe, plan, console) -> None:
+    """Where the plan says ``unsloth``, import it now, before transformers, TRL and PEFT; if it
+    raises, switch the plan to ``hf`` and say why (or refuse, when the recipe named unsloth)."""
+    if plan.backend != "unsloth":
+        return
+    failure = import_unsloth(explicit=recipe.model.backend == "unsloth")
+    if failure:
+        from rich.markup import escape
+
+        plan.backend, plan.backend_reason, plan.attention = "hf", failure, recipe.model.attn_implementation
+        console.print(f"[yellow]backend[/] falling back to hf: {escape(failure)}")
+
+
+def load(source: str, recipe, plan, bound):
+    """``(model, Engine)`` for ``plan.backend``."""
+    engine = Engine(plan.backend, plan.backend_reason, plan.dtype, plan.attention, plan.device_name,
+                    dtype_reason=plan.dtype_reason)
+    if plan.backend == "unsloth":
         from fasttune.model.backends import unsloth
 
-        return unsloth.load(source, recipe, plan, bound)
+        model, engine.fast_path = unsloth.load(source, recipe, plan, bound)
+        return model, engine
     from fasttune.model.backends import hf
 
-    return hf.load(source, recipe, plan, bound)
+    model, engine.kernels = hf.load(source, recipe, plan, bound)
+    return model, engine

@@ -1,25 +1,99 @@
-"""The transformers + bitsandbytes + PEFT backend: runs anywhere, CPU included."""
+"""The transformers + bitsandbytes + PEFT backend: runs anywhere, CPU included.
+
+QLoRA the way the paper and PEFT describe it: the base loads in 4-bit NF4 with double
+quantization (the compute dtype follows the device), ``prepare_model_for_kbit_training`` readies
+it (norms in fp32, input gradients, gradient checkpointing), then PEFT attaches LoRA. On CUDA, Liger
+kernels are applied to the model instance when ``liger-kernel`` is installed.
+"""
 from __future__ import annotations
 
+import os
 
-def load(source: str, recipe, plan, bound):
-    """Base model in the plan's dtype (4-bit NF4 for QLoRA); TRL attaches the LoRA config."""
+
+def device_map_for(device: str) -> dict:
+    """Where quantized weights are placed at load time (the Trainer cannot move them later).
+
+    Under torchrun or accelerate each process takes the GPU of its local rank.
+    """
+    if device == "cuda":
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def load_base(source: str, *, dtype: str, attention: str, device: str, quantization=None, revision: str | None = None,
+              trust_remote_code: bool = False, token: str | None = None, device_map=None):
+    """The base model in ``dtype``, 4-bit when ``quantization`` (a BitsAndBytesConfig) is given.
+
+    Safetensors only: a checkpoint that ships only pickled ``.bin`` weights is refused by transformers.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {
-        "dtype": getattr(torch, plan.dtype),
-        "attn_implementation": plan.attention,
-        "revision": recipe.model.revision,
-        "trust_remote_code": recipe.model.trust_remote_code,
+        "dtype": getattr(torch, dtype),
+        "attn_implementation": attention,
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
         "use_safetensors": True,
     }
-    if bound.bnb is not None:
-        kwargs["quantization_config"] = bound.bnb
-        # 4-bit weights are placed at load time; the Trainer cannot move a quantized model later.
-        kwargs["device_map"] = {"": 0 if plan.device == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    return model, bound.lora
+    if token:
+        kwargs["token"] = token
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = device_map or device_map_for(device)
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def attach_lora(model, lora_config, *, gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict | None = None):
+    """``model`` with LoRA attached (a PeftModel). Seed before calling: LoRA's A matrices are random."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config)
+
+
+def apply_liger(model, device: str) -> str | None:
+    """Apply Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) to the model
+    instance on CUDA. Returns what was applied, or None where Liger is absent, unsupported, or there
+    is no CUDA (Triton needs a GPU driver). Call before LoRA is attached."""
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return None
+    try:
+        _apply_liger_kernel_to_instance(model=model)
+    except Exception as err:  # an architecture Liger does not know, or a Liger/transformers mismatch
+        return f"Liger not applied ({type(err).__name__}: {err})"
+    return "Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)"
+
+
+def load(source: str, recipe, plan, bound):
+    """The runner's entry: base per the plan, Liger where possible, LoRA attached per the recipe.
+
+    Returns ``(model, kernels)``: a PeftModel (the base model itself for method ``full``) and a
+    description of the extra kernels applied (or None).
+    """
+    model = load_base(source, dtype=plan.dtype, attention=plan.attention, device=plan.device, quantization=bound.bnb,
+                      revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    kernels = apply_liger(model, plan.device)
+    if bound.lora is None:
+        return model, kernels
+    sft = bound.sft
+    return attach_lora(model, bound.lora, gradient_checkpointing=sft.gradient_checkpointing,
+                       gradient_checkpointing_kwargs=sft.gradient_checkpointing_kwargs), kernels
 
 
 def keep_adapter_in_plan_dtype(model, plan) -> None:

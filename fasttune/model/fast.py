@@ -1,0 +1,233 @@
+"""``fasttune.FastLanguageModel``: Unsloth's calling convention on either backend.
+
+An Unsloth notebook ports by changing one import::
+
+    from fasttune import FastLanguageModel          # was: from unsloth import FastLanguageModel
+    model, tokenizer = FastLanguageModel.from_pretrained("mistralai/Mistral-7B-Instruct-v0.3",
+                                                         max_seq_length=2048, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
+
+``backend="auto"`` takes Unsloth (fused kernels) when it is installed, CUDA is present and the
+family is supported, and transformers + bitsandbytes + PEFT otherwise; the choice and its reason
+are printed and kept (:meth:`FastLanguageModel.engine`). Defaults follow Unsloth's
+(4-bit, 2048 tokens, r=16, alpha=16, dropout 0, seed 3407). Weights load from safetensors only;
+``trust_remote_code`` stays off unless asked for.
+
+For the Unsloth backend to take effect, import fasttune before transformers, TRL and PEFT: Unsloth
+patches them when it is imported, which happens in ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from fasttune.errors import Problem, UserError
+from fasttune.families import FAMILIES
+from fasttune.model.backends import Engine, import_unsloth
+from fasttune.model.fast_path import FUSED_TARGETS, fast_path_losses
+
+BACKENDS = ("auto", "unsloth", "hf")
+_ENGINE_ATTRIBUTE = "_fasttune_engine"
+
+
+class FastLanguageModel:
+    """Load a causal LM for LoRA/QLoRA training, and attach LoRA, the way Unsloth does."""
+
+    @staticmethod
+    def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
+                        backend: str = "auto", token: str | None = None, device_map=None, trust_remote_code: bool = False,
+                        revision: str | None = None, attn_implementation: str | None = None, full_finetuning: bool = False,
+                        **kwargs):
+        """``(model, tokenizer)``. ``model_name``: a hub id or a local folder with safetensors."""
+        if backend not in BACKENDS:
+            raise UserError(Problem("backend", backend, f"must be one of {', '.join(BACKENDS)}", "use backend='auto'"))
+        if kwargs:
+            raise UserError(Problem("from_pretrained", sorted(kwargs), "are not arguments fasttune understands",
+                                    "remove them (see help(fasttune.FastLanguageModel.from_pretrained))"))
+        from fasttune import machine
+        from fasttune.model.source import resolve_model_source
+
+        source = resolve_model_source(model_name)
+        model_type = _model_type(source, revision, token)
+        family = FAMILIES.get(model_type)
+        found = machine.facts()
+        chosen, reason = machine.choose_backend(backend, "backend", on_gpu=found.cuda, cuda=found.cuda,
+                                                unsloth_installed=found.unsloth_installed, family=family,
+                                                full=full_finetuning)
+        if chosen == "unsloth":
+            late = [name for name in ("transformers", "trl", "peft") if name in sys.modules and "unsloth" not in sys.modules]
+            failure = import_unsloth(explicit=backend == "unsloth", key="backend")
+            if failure:
+                chosen, reason = "hf", failure
+            elif late:
+                warnings.warn(f"{', '.join(late)} imported before Unsloth: import fasttune first so Unsloth can patch them",
+                              stacklevel=2)
+        dtype_name, dtype_reason = _dtype(dtype, found)
+        device = "cuda" if found.cuda else "cpu"
+        if chosen == "unsloth":
+            from fasttune.model.backends import unsloth
+
+            model, tokenizer = unsloth.load_base(source, max_seq_length=max_seq_length, dtype=dtype_name,
+                                                 load_in_4bit=load_in_4bit and not full_finetuning, revision=revision,
+                                                 trust_remote_code=trust_remote_code, token=token,
+                                                 full_finetuning=full_finetuning)
+            engine = Engine("unsloth", reason, dtype_name, "unsloth", found.device_name, dtype_reason=dtype_reason)
+        else:
+            model, tokenizer, kernels, attention = _load_hf(
+                source, max_seq_length, dtype_name, device, load_in_4bit and not full_finetuning, token, device_map,
+                trust_remote_code, revision, attn_implementation or "sdpa", family)
+            engine = Engine("hf", reason, dtype_name, attention, found.device_name, kernels=kernels,
+                            dtype_reason=dtype_reason)
+        setattr(model, _ENGINE_ATTRIBUTE, engine)
+        print(f"fasttune: {engine.describe()}")
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", use_gradient_checkpointing="unsloth", random_state: int = 3407,
+                       use_rslora: bool = False, modules_to_save=None, **kwargs):
+        """``model`` with LoRA attached. Unsloth backend: its fused path, checked and reported."""
+        engine = FastLanguageModel.engine(model)
+        if target_modules is None:
+            target_modules = _default_targets(model)
+        if engine.backend == "unsloth":
+            from fasttune.model.backends import unsloth
+
+            losses = fast_path_losses(target_modules, lora_dropout, bias, engine.dtype) if engine.device != "CPU" else []
+            for loss in losses:  # (Unsloth's CPU fallback has no fused kernels to lose)
+                warnings.warn(f"Unsloth's fused fast path will be skipped: {loss}", stacklevel=2)
+            model, engine.fast_path = unsloth.attach_lora(
+                model, r=r, target_modules=list(target_modules), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+                use_rslora=use_rslora, modules_to_save=modules_to_save, **kwargs)
+            print(f"fasttune: {engine.fast_path.describe()}")
+        else:
+            model = _attach_hf(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gradient_checkpointing,
+                               random_state, use_rslora, modules_to_save, kwargs)
+        setattr(model, _ENGINE_ATTRIBUTE, engine)
+        return model
+
+    @staticmethod
+    def engine(model) -> Engine:
+        """What loaded ``model``: backend and why, dtype, attention, device, fast-path counts."""
+        engine = getattr(model, _ENGINE_ATTRIBUTE, None)
+        if engine is None:
+            raise UserError(Problem("model", type(model).__name__, "was not loaded by fasttune.FastLanguageModel",
+                                    "load it with FastLanguageModel.from_pretrained(...) first"))
+        return engine
+
+    @staticmethod
+    def for_inference(model):
+        """Generation mode (KV cache on, dropout off)."""
+        if FastLanguageModel.engine(model).backend == "unsloth":
+            from unsloth import FastLanguageModel as Unsloth
+
+            return Unsloth.for_inference(model)
+        model.eval()
+        model.config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing: bool = True):
+        """Back to training mode after :meth:`for_inference`."""
+        if FastLanguageModel.engine(model).backend == "unsloth":
+            from unsloth import FastLanguageModel as Unsloth
+
+            return Unsloth.for_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
+        model.train()
+        model.config.use_cache = not use_gradient_checkpointing
+        return model
+
+
+def _model_type(source: str, revision: str | None, token: str | None) -> str | None:
+    """``config.json``'s model_type, read without transformers (Unsloth must be imported first)."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source, "config.json", revision=revision, token=token))
+        except Exception as err:  # offline, private, or no such repository: the hub's own words
+            raise UserError(Problem("model_name", source, f"cannot read its config.json ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else ''})",
+                                    "check the hub id and your network/HF_TOKEN, or pass a local folder")) from None
+    return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+
+
+def _dtype(dtype, found) -> tuple[str, str]:
+    """The compute dtype's name: as given, else bf16 where the GPU has it, fp16 below Ampere, fp32 on CPU."""
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in ("bfloat16", "float16", "float32"):
+            raise UserError(Problem("dtype", dtype, "must be torch.bfloat16, torch.float16, torch.float32 or None",
+                                    "pass dtype=None to pick from the device"))
+        return name, "given"
+    if not found.cuda:
+        return "float32", "no CUDA device: 16-bit training on a CPU is slow and TRL refuses bf16 there"
+    if found.bf16:
+        return "bfloat16", f"{found.device_name} supports bf16"
+    return "float16", f"{found.device_name} has no bf16 (pre-Ampere)"
+
+
+def _load_hf(source, max_seq_length, dtype, device, load_in_4bit, token, device_map, trust_remote_code, revision,
+             attention, family):
+    import torch
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+
+    from fasttune.model.backends import hf
+
+    quantization = None
+    if load_in_4bit:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=getattr(torch, dtype))
+    model = hf.load_base(source, dtype=dtype, attention=attention, device=device, quantization=quantization,
+                         revision=revision, trust_remote_code=trust_remote_code, token=token, device_map=device_map)
+    if quantization is None and device_map is None and device == "cuda":
+        model.to("cuda")
+    kernels = hf.apply_liger(model, device)
+    model.max_seq_length = max_seq_length
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # Padding with EOS hides EOS from the loss once padding is masked: the model never learns to stop.
+        vocab = tokenizer.get_vocab()
+        candidates = [*(family.pad_candidates if family else ()), tokenizer.unk_token]
+        pad = next((t for t in candidates if t and t in vocab and t != tokenizer.eos_token), None)
+        if pad is not None:
+            tokenizer.pad_token = pad
+    return model, tokenizer, kernels, attention
+
+
+def _default_targets(model) -> list[str]:
+    """All seven projections where the model has them (Unsloth's default), else the family's own."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [name for name in FUSED_TARGETS if name in leaves]
+    if targets:
+        return targets
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    return [name for name in (family.target_modules if family else ()) if name in leaves]
+
+
+def _attach_hf(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gradient_checkpointing, random_state,
+               use_rslora, modules_to_save, extra):
+    from peft import LoraConfig
+    from transformers import set_seed
+
+    from fasttune.model.backends import hf
+
+    # Unsloth's "unsloth" checkpointing offloads activations to host RAM; here it is plain checkpointing.
+    checkpointing = use_gradient_checkpointing in (True, "unsloth")
+    for key in ("max_seq_length", "temporary_location", "loftq_config"):
+        extra.pop(key, None)  # Unsloth-only arguments with no meaning for PEFT's LoraConfig
+    try:
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+                            target_modules=list(target_modules), use_rslora=use_rslora, modules_to_save=modules_to_save,
+                            task_type="CAUSAL_LM", **extra)
+    except (TypeError, ValueError) as err:
+        raise UserError(Problem("get_peft_model", {"r": r, "bias": bias, **extra}, f"LoraConfig refused it: {err}",
+                                "change the arguments named in the message")) from None
+    set_seed(random_state)
+    return hf.attach_lora(model, config, gradient_checkpointing=checkpointing,
+                          gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
