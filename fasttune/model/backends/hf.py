@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 
 
+def under_fsdp() -> bool:
+    """``accelerate launch`` with an FSDP config sets this; FSDP then places and shards the weights."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def device_map_for(device: str) -> dict:
     """Where quantized weights are placed at load time (the Trainer cannot move them later).
 
@@ -38,7 +43,12 @@ def load_base(source: str, *, dtype: str, attention: str, device: str, quantizat
     }
     if token:
         kwargs["token"] = token
-    if quantization is not None:
+    if quantization is not None and under_fsdp():
+        # FSDP-QLoRA (bitsandbytes' guide): 4-bit weights stored in the model's float dtype, so FSDP
+        # can shard them with the rest; no device_map, FSDP places the shards.
+        quantization.bnb_4bit_quant_storage = kwargs["dtype"]
+        kwargs["quantization_config"] = quantization
+    elif quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = device_map or device_map_for(device)
     elif device_map is not None:
@@ -54,10 +64,10 @@ def attach_lora(model, lora_config, *, gradient_checkpointing: bool, gradient_ch
     """``model`` with LoRA attached (a PeftModel). Seed before calling: LoRA's A matrices are random."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if is_quantized(model):
+    if is_quantized(model) and not under_fsdp():  # (its fp32 norms would break FSDP's one-dtype flat shards)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-    elif gradient_checkpointing:
+    elif gradient_checkpointing:  # 16-bit LoRA, or 4-bit under FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config)
