@@ -1,0 +1,634 @@
+"""GPU proof for the engine: QLoRA on a Mistral-7B-shaped model, Unsloth backend against hf.
+
+It builds a model with the Mistral 7B v0.1 architecture and random weights (nothing is downloaded),
+saves it once with a 32000-token tokenizer built in code, then, in one child process per backend
+(``import unsloth`` patches transformers, TRL and PEFT for the whole process), loads it in 4-bit
+through ``fasttune.FastLanguageModel``, attaches LoRA r=16 to all seven projections and trains 20
+steps of 2048 random tokens with TRL's SFTTrainer. Each child prints the backend it actually used,
+why, Unsloth's fused-layer counts, and one ``GPU_CHECK_RESULT {json}`` line; the parent prints them
+side by side with a verdict. Exit status 0 when every backend that could run did and passed.
+
+On a CUDA machine (about 15 GB of free disk for the model; a few minutes on one H100)::
+
+    python bench/gpu_check.py                  # both backends, 20 steps of 2048 tokens
+    python bench/gpu_check.py --wheels DIR     # first install the wheels bench/gpu_wheels.sh fetched
+    python bench/gpu_check.py --model-dir DIR  # keep the random model in DIR and reuse it next time
+
+On a GPU the check fails when Unsloth cannot be imported: proving its fast path is its purpose.
+
+Without a GPU, the same code paths on a tiny model in seconds (tokens/s and memory mean nothing
+there; the unsloth backend runs only if ``import unsloth`` works, and is reported skipped if not)::
+
+    python bench/gpu_check.py --smoke
+    python bench/gpu_check.py --smoke --gpu    # the tiny model on a GPU: a quick look before the 7B run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+WHEELS_LIST = REPO / "bench" / "gpu_wheels.txt"
+RESULT_TAG = "GPU_CHECK_RESULT"
+BACKENDS = ("unsloth", "hf")
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% else %} {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+MODEL_MARKER = "gpu_check_model.json"
+STDERR_TAIL = 30
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one mode builds and trains."""
+
+    name: str
+    vocab_size: int
+    shapes: dict
+    """MistralConfig overrides; empty means its defaults (the 7B v0.1 shapes)."""
+    dtype: str
+    """The dtype the random model is built and saved in."""
+    seq_len: int
+    steps: int
+    disk_gib: float
+    """Free disk the saved model needs."""
+    warmup: int
+    """Steps left out of the timing (CUDA kernels compile and autotune there)."""
+
+
+FULL = Profile("mistral-7b", 32000, {}, "bfloat16", seq_len=2048, steps=20, disk_gib=15.5, warmup=2)
+SMOKE = Profile("tiny-mistral", 512, {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "intermediate_size": 128},
+                "float32", seq_len=64, steps=3, disk_gib=0.1, warmup=2)
+
+
+def log(message: str) -> None:
+    print(f"gpu_check: {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wheels: a machine that has torch and transformers but not the rest.
+
+
+def install_wheels(wheel_dir: Path) -> None:
+    """Install the pinned wheels of bench/gpu_wheels.txt from ``wheel_dir``, without an index."""
+    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
+               "--find-links", str(wheel_dir), "--no-deps", "-r", str(WHEELS_LIST)]
+    log("installing: " + " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def pinned_wheels() -> dict[str, str]:
+    pins = {}
+    for line in WHEELS_LIST.read_text(encoding="utf-8").splitlines():
+        name, _, version = line.split("#")[0].strip().partition("==")
+        if name:
+            pins[name] = version
+    return pins
+
+
+def missing_packages() -> list[str]:
+    """The packages of bench/gpu_wheels.txt this Python lacks; those at another version are only logged."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    missing = []
+    for name, pinned in pinned_wheels().items():
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+            continue
+        if found != pinned:
+            log(f"{name} is {found}, not the tested {pinned}")
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------
+# The random model and its tokenizer.
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer of exactly ``vocab_size`` tokens with Mistral's special tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", additional_special_tokens=["[INST]", "[/INST]"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
+    return tokenizer
+
+
+def model_signature(profile: Profile) -> dict:
+    return {"profile": profile.name, "vocab_size": profile.vocab_size, "shapes": profile.shapes, "dtype": profile.dtype}
+
+
+def check_weights(model) -> None:
+    """Refuse uninitialised weights: anything non-finite, or a matrix that is all one value."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise RuntimeError(f"random model has non-finite values in {name}")
+            if param.dim() == 2 and param.float().std() == 0:
+                raise RuntimeError(f"random model's {name} is constant: its weights were not initialised")
+
+
+def build_model(profile: Profile, model_dir: Path, device: str) -> None:
+    """Random weights (normal, std initializer_range=0.02) in the profile's dtype, saved with the tokenizer."""
+    import gc
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tokenizer(profile.vocab_size)
+    config = MistralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **profile.shapes)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MistralForCausalLM._from_config(config, dtype=getattr(torch, profile.dtype))
+    check_weights(model)
+    params = sum(p.numel() for p in model.parameters())
+    embed_std = model.get_input_embeddings().weight.float().std().item()
+    log(f"random {profile.name}: {params:,} parameters, hidden {config.hidden_size}, {config.num_hidden_layers} "
+        f"layers, {config.num_attention_heads} heads / {config.num_key_value_heads} kv, vocab {config.vocab_size}, "
+        f"{profile.dtype} on {device}, embedding std {embed_std:.4f}")
+    model.save_pretrained(model_dir, max_shard_size="5GB")
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / MODEL_MARKER).write_text(json.dumps(model_signature(profile)), encoding="utf-8")
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def ensure_model(profile: Profile, model_dir: Path, device: str) -> None:
+    """Build the random model into ``model_dir`` unless the same one is already there."""
+    marker = model_dir / MODEL_MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == model_signature(profile):
+        log(f"reusing the random model in {model_dir}")
+        return
+    model_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    build_model(profile, model_dir, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The child: one backend, through fasttune's API.
+
+
+def random_rows(rows: int, seq_len: int, vocab_size: int, first_id: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(first_id, vocab_size) for _ in range(seq_len)] for _ in range(rows)]
+
+
+def step_timer(cuda: bool):
+    """A TrainerCallback that stamps the end of every optimizer step (after the GPU has finished it)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+                took = f"{self.stamps[-1] - self.stamps[-2]:.2f} s" if len(self.stamps) > 1 else "first step"
+                print(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} ({took})", flush=True)
+
+    return StepTimer()
+
+
+def fast_path_dict(fast_path) -> dict | None:
+    if fast_path is None:
+        return None
+    fields = asdict(fast_path) if is_dataclass(fast_path) else dict(vars(fast_path))
+    fields["fused"] = bool(getattr(fast_path, "fused", False))
+    fields["describe"] = fast_path.describe()
+    return fields
+
+
+def loss_tokens(trainer) -> int:
+    """How many tokens of the first training row count in the loss (labels other than -100)."""
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    return int((batch["labels"] != -100).sum())
+
+
+def gib(n_bytes: int) -> float:
+    return round(n_bytes / 2**30, 2)
+
+
+def skip_without_unsloth(backend: str) -> bool:
+    """Import Unsloth first (it patches transformers, TRL and PEFT); print a skip result if it will not import."""
+    if backend != "unsloth":
+        return False
+    try:
+        import unsloth  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (Unsloth's import raises anything: missing CUDA, driver, versions)
+        reason = f"import unsloth failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        print(f"{RESULT_TAG} {json.dumps({'backend': None, 'requested': backend, 'skipped': reason})}", flush=True)
+        return True
+    return False
+
+
+def load_and_attach(args):
+    """``(model, tokenizer, engine)`` through fasttune's Unsloth-style API, and what it printed about itself."""
+    from fasttune import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq_len, dtype=None,
+                                                         load_in_4bit=True, backend=args.backend)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                             target_modules=TARGET_MODULES, use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
+    engine = FastLanguageModel.engine(model)
+    print(f"backend used: {engine.backend} ({engine.reason})", flush=True)
+    print(f"dtype {engine.dtype}; attention {engine.attention}; device {engine.device}; kernels {engine.kernels}", flush=True)
+    fast_path = engine.fast_path.describe() if engine.fast_path is not None else "none (hf backend)"
+    print(f"fast path: {fast_path}", flush=True)
+    return model, tokenizer, engine
+
+
+def make_trainer(args, model, tokenizer, engine, cuda: bool, timer):
+    """TRL's SFTTrainer on rows of exactly seq-len random token ids; every token counts in the loss."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = random_rows(args.steps, args.seq_len, len(tokenizer), len(SPECIAL_TOKENS), seed=3407)
+    config = SFTConfig(
+        output_dir=str(Path(args.workdir) / f"trainer-{args.backend}"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=1, max_steps=args.steps, max_length=args.seq_len, packing=False, learning_rate=2e-4,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=cuda and engine.dtype == "bfloat16",
+        fp16=cuda and engine.dtype == "float16", use_cpu=not cuda, dataset_num_proc=None, seed=3407, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"input_ids": rows}),
+                         processing_class=tokenizer, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # the timer prints one line a step instead
+    return trainer
+
+
+def timing(timer, warmup: int, seq_len: int, train_started: float) -> tuple[int, float | None]:
+    """``(timed steps, tokens/s)`` over the steps after the warm-up ones (batch 1, no padding)."""
+    warmup = min(warmup, len(timer.stamps) - 1)
+    timed_steps = len(timer.stamps) - warmup
+    since = timer.stamps[warmup - 1] if warmup > 0 else train_started
+    seconds = timer.stamps[-1] - since
+    return timed_steps, (round(timed_steps * seq_len / seconds, 1) if seconds > 0 else None)
+
+
+def run_child(args) -> int:
+    if skip_without_unsloth(args.backend):
+        return 0
+    import torch
+
+    cuda = torch.cuda.is_available()
+    started = time.perf_counter()
+    model, tokenizer, engine = load_and_attach(args)
+    load_s = time.perf_counter() - started
+    peak_load = gib(torch.cuda.max_memory_allocated()) if cuda else None
+    timer = step_timer(cuda)
+    trainer = make_trainer(args, model, tokenizer, engine, cuda, timer)
+    counted = loss_tokens(trainer)
+    print(f"loss counts {counted} of {args.seq_len} tokens per row", flush=True)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - started
+
+    timed_steps, tokens_per_s = timing(timer, args.warmup, args.seq_len, started)
+    finite = bool(timer.losses) and all(math.isfinite(loss) for loss in timer.losses)
+    result = {
+        "backend": engine.backend, "reason": engine.reason, "fast_path": fast_path_dict(engine.fast_path),
+        "tokens_per_s": tokens_per_s,
+        "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        "peak_load_alloc_gib": peak_load, "steps": len(timer.stamps), "timed_steps": timed_steps, "seq_len": args.seq_len,
+        "final_loss": timer.losses[-1] if finite else None, "loss_finite": finite,
+        "first_loss": timer.losses[0] if finite else None, "loss_tokens_per_row": counted,
+        "load_s": round(load_s, 1), "train_s": round(train_s, 1), "dtype": engine.dtype, "attention": engine.attention,
+        "kernels": engine.kernels, "device": engine.device, "cuda": cuda, "profile": (SMOKE if args.smoke else FULL).name,
+    }
+    print(f"{RESULT_TAG} {json.dumps(result)}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: build once, one child per backend, table and verdict.
+
+
+@dataclass
+class ChildOutcome:
+    backend: str
+    exit_code: int | None
+    """None when the child ran past the timeout and was killed."""
+    result: dict | None
+    stderr_tail: list[str]
+    seconds: float
+
+
+def child_env(workdir: Path, use_cuda: bool) -> dict:
+    env = dict(os.environ)
+    if not use_cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on the CPU on a GPU machine too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    env["HF_DATASETS_CACHE"] = str(workdir / "datasets-cache")
+    return env
+
+
+def run_backend(backend: str, model_dir: Path, profile: Profile, args, workdir: Path, use_cuda: bool) -> ChildOutcome:
+    """One child process; its stdout is echoed live, its stderr kept for the report."""
+    command = [sys.executable, str(SCRIPT), "--child", "--backend", backend, "--model", str(model_dir),
+               "--steps", str(profile.steps), "--seq-len", str(profile.seq_len), "--warmup", str(profile.warmup),
+               "--workdir", str(workdir)] + (["--smoke"] if args.smoke else [])
+    stderr_path = workdir / f"child-{backend}.stderr"
+    result: dict | None = None
+    started = time.perf_counter()
+    with open(stderr_path, "w", encoding="utf-8") as stderr:
+        # Its own session, so a timeout kills the whole group (compile workers included) and the pipe closes.
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=workdir,
+                                env=child_env(workdir, use_cuda), start_new_session=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: echo_lines(proc.stdout, backend, lines), daemon=True)
+        reader.start()
+        try:
+            exit_code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            exit_code = None
+        reader.join(timeout=10)
+    for line in lines:
+        if line.startswith(RESULT_TAG + " "):
+            result = json.loads(line[len(RESULT_TAG) + 1:])
+    tail = stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()[-STDERR_TAIL:]
+    return ChildOutcome(backend, exit_code, result, tail, time.perf_counter() - started)
+
+
+def echo_lines(stream, backend: str, into: list[str]) -> None:
+    for line in stream:
+        line = line.rstrip("\n")
+        into.append(line)
+        print(f"  [{backend}] {line}", flush=True)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def status_of(outcome: ChildOutcome) -> str:
+    if outcome.exit_code is None:
+        return "timed out"
+    if outcome.result and "skipped" in outcome.result:
+        return "skipped"
+    if outcome.exit_code != 0 or outcome.result is None:
+        return f"failed (exit {outcome.exit_code})"
+    return "ran"
+
+
+def table_rows(outcomes: list[ChildOutcome]) -> list[tuple[str, list[str]]]:
+    def field(key, digits=1):
+        return [fmt((o.result or {}).get(key), digits) for o in outcomes]
+
+    def fast(o: ChildOutcome) -> str:
+        fp = (o.result or {}).get("fast_path")
+        if not fp:
+            return "-"
+        if fp.get("layers") is None:
+            return "not reported"
+        return f"{fp['qkv']}/{fp['o']}/{fp['mlp']} of {fp['layers']}"
+
+    return [
+        ("status", [status_of(o) for o in outcomes]),
+        ("backend used", field("backend")),
+        ("reason", [(o.result or {}).get("reason") or (o.result or {}).get("skipped") or "-" for o in outcomes]),
+        ("fused QKV/O/MLP", [fast(o) for o in outcomes]),
+        ("dtype / attention", [f"{fmt((o.result or {}).get('dtype'))} / {fmt((o.result or {}).get('attention'))}"
+                               for o in outcomes]),
+        ("tokens/s", field("tokens_per_s")),
+        ("peak alloc GiB (train)", field("peak_alloc_gib", 2)),
+        ("peak reserved GiB (train)", field("peak_reserved_gib", 2)),
+        ("peak alloc GiB (load)", field("peak_load_alloc_gib", 2)),
+        ("first -> final loss", [f"{fmt((o.result or {}).get('first_loss'), 4)} -> {fmt((o.result or {}).get('final_loss'), 4)}"
+                                 for o in outcomes]),
+        ("loss tokens per row", field("loss_tokens_per_row")),
+        ("steps (timed) x seq len", [f"{fmt((o.result or {}).get('steps'))} ({fmt((o.result or {}).get('timed_steps'))}) "
+                                     f"x {fmt((o.result or {}).get('seq_len'))}" for o in outcomes]),
+        ("load s / train s", [f"{fmt((o.result or {}).get('load_s'))} / {fmt((o.result or {}).get('train_s'))}"
+                              for o in outcomes]),
+        ("child wall s", [f"{o.seconds:.1f}" for o in outcomes]),
+    ]
+
+
+def print_table(outcomes: list[ChildOutcome], profile: Profile, on_cuda: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    where = "GPU" if on_cuda else "CPU: tokens/s and memory mean nothing here"
+    table = Table(title=f"fasttune GPU check, {profile.name} ({where})")
+    table.add_column("")
+    for outcome in outcomes:
+        table.add_column(outcome.backend, overflow="fold")
+    for label, cells in table_rows(outcomes):
+        table.add_row(label, *cells)
+    console.print(table)
+    for outcome in outcomes:
+        if status_of(outcome) not in ("ran", "skipped") and outcome.stderr_tail:
+            console.print(f"[bold]{outcome.backend}[/]: last {len(outcome.stderr_tail)} lines of stderr:", highlight=False)
+            console.print("\n".join(outcome.stderr_tail), markup=False, highlight=False)
+
+
+def judge(outcomes: list[ChildOutcome], on_cuda: bool) -> tuple[bool, list[str]]:
+    """``(passed, verdict lines)``. On CUDA an Unsloth that cannot be imported fails the check."""
+    passed, lines = True, []
+    for outcome in outcomes:
+        status, result = status_of(outcome), outcome.result or {}
+        if status == "skipped":
+            ok = not (on_cuda and outcome.backend == "unsloth")
+            lines.append(f"{'SKIP' if ok else 'FAIL'} {outcome.backend}: {result['skipped']}")
+            passed &= ok
+            continue
+        if status != "ran":
+            lines.append(f"FAIL {outcome.backend}: {status}")
+            passed = False
+            continue
+        problems = []
+        if result["backend"] != outcome.backend:
+            problems.append(f"asked for {outcome.backend}, got {result['backend']} ({result['reason']})")
+        if not result["loss_finite"]:
+            problems.append("loss is not finite")
+        if outcome.backend == "unsloth" and on_cuda:
+            problems.extend(fast_path_problems(result.get("fast_path")))
+        detail = "; ".join(problems) if problems else describe_pass(outcome.backend, result, on_cuda)
+        lines.append(f"{'FAIL' if problems else 'PASS'} {outcome.backend}: {detail}")
+        passed &= not problems
+    lines.extend(speedup(outcomes, on_cuda))
+    return passed, lines
+
+
+def fast_path_problems(fast_path: dict | None) -> list[str]:
+    if not fast_path or fast_path.get("layers") is None:
+        return ["Unsloth reported no fused-layer counts"]
+    zero = [name for name in ("qkv", "o", "mlp") if not fast_path.get(name)]
+    return [f"no fused {', '.join(zero).upper()} layers ({fast_path.get('describe')})"] if zero else []
+
+
+def describe_pass(backend: str, result: dict, on_cuda: bool) -> str:
+    loss = f"loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}, finite"
+    if backend != "unsloth":
+        return loss
+    fast_path = result.get("fast_path") or {}
+    if on_cuda:
+        return f"{fast_path.get('describe')}; {loss}"
+    return f"{loss} (Unsloth's CPU fallback: no fused kernels to count)"
+
+
+def speedup(outcomes: list[ChildOutcome], on_cuda: bool) -> list[str]:
+    speeds = {o.backend: (o.result or {}).get("tokens_per_s") for o in outcomes if status_of(o) == "ran"}
+    if not (speeds.get("unsloth") and speeds.get("hf")):
+        return []
+    note = "" if on_cuda else " (CPU: not a measure of anything)"
+    return [f"unsloth/hf tokens/s: {speeds['unsloth'] / speeds['hf']:.2f}x{note}"]
+
+
+def cuda_summary() -> tuple[bool, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"torch {torch.__version__}, no CUDA device"
+    props = torch.cuda.get_device_properties(0)
+    return True, f"torch {torch.__version__}, {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+
+
+def enough_disk(folder: Path, profile: Profile) -> bool:
+    folder = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(folder).free / 2**30
+    if free >= profile.disk_gib:
+        return True
+    log(f"{folder} has {free:.1f} GiB free; the {profile.name} model needs about {profile.disk_gib} GiB: "
+        "pass --workdir or --model-dir on a larger disk")
+    return False
+
+
+def run_parent(args) -> int:
+    begun = time.perf_counter()
+    if args.wheels:
+        phase = time.perf_counter()
+        try:
+            install_wheels(Path(args.wheels))
+        except subprocess.CalledProcessError as err:
+            log(f"installing the wheels failed (pip exit {err.returncode}); see pip's message above")
+            return 1
+        log(f"phase wheels: {time.perf_counter() - phase:.1f} s")
+    profile = SMOKE if args.smoke else FULL
+    on_cuda, machine = cuda_summary()
+    log(machine)
+    if not on_cuda and (args.gpu or not args.smoke):
+        log("no CUDA device: this check needs a GPU; run `python bench/gpu_check.py --smoke` for the CPU version")
+        return 1
+    use_cuda = on_cuda and (args.gpu or not args.smoke)
+    missing = missing_packages()
+    if missing:
+        log(f"not installed: {', '.join(missing)} (bench/gpu_wheels.sh fetches them; --wheels DIR installs them)")
+        if use_cuda:  # fail before the 7B model is built, not minutes later in the children
+            return 1
+    workdir = Path(tempfile.mkdtemp(prefix="fasttune-gpu-check-", dir=args.workdir))
+    model_dir = Path(args.model_dir).resolve() if args.model_dir else workdir / "model"
+    outcomes = []
+    try:
+        if not enough_disk(model_dir, profile):
+            return 1
+        phase = time.perf_counter()
+        ensure_model(profile, model_dir, "cuda" if use_cuda else "cpu")
+        log(f"phase build model: {time.perf_counter() - phase:.1f} s ({model_dir})")
+        for backend in args.backends:
+            log(f"phase {backend}: child starting (timeout {args.timeout} s)")
+            outcomes.append(run_backend(backend, model_dir, profile, args, workdir, use_cuda))
+            log(f"phase {backend}: {status_of(outcomes[-1])} in {outcomes[-1].seconds:.1f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_table(outcomes, profile, use_cuda)
+    passed, verdict = judge(outcomes, use_cuda)
+    for line in verdict:
+        print(f"verdict: {line}")
+    print(f"verdict: {'PASS' if passed else 'FAIL'} ({profile.name}, total {time.perf_counter() - begun:.1f} s)")
+    return 0 if passed else 1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps of 64 tokens")
+    parser.add_argument("--gpu", action="store_true",
+                        help="with --smoke: the tiny model on the GPU, a quick check of the CUDA paths before the 7B run")
+    parser.add_argument("--wheels", metavar="DIR", help="first pip-install bench/gpu_wheels.txt from DIR (no index)")
+    parser.add_argument("--model-dir", metavar="DIR", help="where the random model is kept (reused when it matches)")
+    parser.add_argument("--workdir", metavar="DIR", help="parent folder of the temporary working folder")
+    parser.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b], default=list(BACKENDS),
+                        help="comma-separated, from unsloth,hf (default both)")
+    parser.add_argument("--timeout", type=int, default=200, help="seconds each child may run (default 200)")
+    child = parser.add_argument_group("child process (started by the parent)")
+    child.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    child.add_argument("--backend", choices=BACKENDS)
+    child.add_argument("--model")
+    child.add_argument("--steps", type=int, default=FULL.steps)
+    child.add_argument("--seq-len", type=int, default=FULL.seq_len)
+    child.add_argument("--warmup", type=int, default=FULL.warmup)
+    args = parser.parse_args(argv)
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if args.child and not (args.backend and args.model and args.workdir):
+        parser.error("--child needs --backend, --model and --workdir")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_child(args) if args.child else run_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
