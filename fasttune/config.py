@@ -95,10 +95,18 @@ class ExportSection:
     """Save the LoRA adapter (``adapter/``)."""
     merged: bool = False
     """Save the adapter merged into a 16-bit copy of the base (``merged/``)."""
+    gguf: list[str] = dataclasses.field(default_factory=list)
+    """GGUF files to write from the merged model (``gguf/``, each with an Ollama Modelfile): any of
+    f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k. Implies ``merged``."""
+    gguf_pre_tokenizer: typing.Optional[str] = None
+    """llama.cpp's name for the BPE pre-tokenizer (``tokenizer.ggml.pre``); default: per family."""
 
 
 OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection}
 TOP_LEVEL = ("name", "description", "family", "method", "gpu_memory_gb", "extends")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+RUN_KEYS = ("machine",)
+"""Keys fasttune adds to a run's config.yaml (what ran it): ignored when that file is read back as a recipe."""
 
 
 @dataclass
@@ -220,7 +228,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     raw = apply_overrides(source.raw, list(overrides))
     problems: list[Problem] = []
 
-    known = (*TOP_LEVEL, *OWNED_SECTIONS, *LIBRARY_SECTIONS)
+    known = (*TOP_LEVEL, *OWNED_SECTIONS, *LIBRARY_SECTIONS, *RUN_KEYS)
     for key in raw:
         if key not in known:
             hint = _suggest(key, known)
@@ -260,6 +268,10 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(Problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)", "use e.g. 0.05 for a 5% held-out split"))
     problems.extend(_data_problems(data))
+    bad = [t for t in sections["export"].gguf if t not in GGUF_TYPES]
+    if bad:
+        problems.append(Problem("export.gguf", sections["export"].gguf, f"types must be among {', '.join(GGUF_TYPES)}",
+                                _suggest(str(bad[0]), GGUF_TYPES) or "use e.g. [q8_0] or [q4_k_m]"))
 
     if family in FAMILIES:
         fam = FAMILIES[family]

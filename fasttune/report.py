@@ -26,7 +26,8 @@ _KNOWN_FILES = {
     "merged": "the base model with the adapter merged in, 16-bit safetensors",
     "metrics.jsonl": "every logged metric, one JSON object per line",
     "loss.png": "training loss by step, evaluation loss as points",
-    "Modelfile": "Ollama model definition for the GGUF export",
+    "gguf": "GGUF files for llama.cpp, Ollama and LM Studio, each with an Ollama Modelfile",
+    "checkpoints": "trainer checkpoints, to resume from",
     "report.md": "this report",
 }
 _GGUF_DESCRIPTION = "GGUF export for llama.cpp / Ollama"
