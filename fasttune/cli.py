@@ -154,6 +154,40 @@ def _print_dry_run(recipe, bound, found, args, console) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import yaml
+    from rich.markup import escape
+
+    from fasttune import config
+    from fasttune.export.exporter import ExportRequest, export_run, request_from_recipe
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(Problem("RUN_DIR", str(run_dir), "has no config.yaml: not a fasttune run folder",
+                                "give a folder a run wrote, e.g. runs/demo-20261127-101500"))
+    types = [t.strip() for t in args.gguf.split(",") if t.strip()] if args.gguf is not None else []
+    unknown = [t for t in types if t not in config.GGUF_TYPES]
+    if unknown or (args.gguf is not None and not types):
+        raise UserError(Problem("--gguf", args.gguf, f"takes a comma list of {', '.join(config.GGUF_TYPES)}",
+                                config._suggest(unknown[0], config.GGUF_TYPES) if unknown else "e.g. --gguf q8_0,q4_k_m"))
+    recipe = config.resolve(str(run_dir / "config.yaml"))
+    if args.adapter or args.merged or types:
+        request = ExportRequest(adapter=args.adapter, merged=args.merged, gguf=types)
+    else:  # nothing asked: what the recipe's export section says
+        request = request_from_recipe(recipe)
+    request.out = Path(args.out) if args.out else None
+    dtype = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("machine") or {}).get("dtype")
+    if dtype in ("bfloat16", "float16"):
+        request.save_dtype = dtype
+    console = _console()
+    written = export_run(run_dir, recipe, request, console)
+    for path in written:
+        console.print(f"[green]wrote[/] {escape(str(path))}")
+    if not written:
+        console.print("nothing to export: the adapter is in the run folder already (ask for --merged or --gguf TYPES)")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from fasttune.doctor import doctor
 
@@ -206,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the latest run of this recipe (or RUN_DIR) from its last checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: resume even if the recipe changed")
     p.set_defaults(func=cmd_recipe)
+
+    p = verbs.add_parser("export", help="export a finished run: merged 16-bit model, GGUF files and Ollama Modelfiles")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/<recipe>-<timestamp>)")
+    p.add_argument("--adapter", action="store_true", help="copy the LoRA adapter to --out")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into a 16-bit copy of the base")
+    p.add_argument("--gguf", nargs="?", const="q8_0", default=None, metavar="TYPES",
+                   help="GGUF types, comma-separated: f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k (alone: q8_0)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("data", help="look at a data source as training will see it")
     data_verbs = p.add_subparsers(dest="data_verb", required=True, metavar="VERB")

@@ -149,39 +149,41 @@ def train(session: Session, resume_from: str | None = None) -> None:
 
 
 def save(session: Session) -> None:
-    from fasttune.report import installed_versions, plot_loss, write_report
+    from fasttune.report import installed_versions, plot_loss, training_summary, write_report
     from fasttune.train.metrics_log import read_metrics
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
     if not is_main():  # rank 0 writes for every process of a data-parallel run
         return
-    if recipe.export.adapter or recipe.export.merged:
+    export = recipe.export
+    if recipe.method != "full" and (export.adapter or export.merged or export.gguf):
         _save_adapter(trainer, session.tokenizer, run_dir / "adapter")
     _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
-    if recipe.export.merged and recipe.method != "full":
-        from fasttune.export.merge import merge_adapter
-
-        session.console.print("[bold]merge[/] adapter -> merged/ (16-bit)")
-        merge_adapter(session.source, run_dir / "adapter", run_dir / "merged", session.tokenizer,
-                      save_dtype="bfloat16" if session.plan.dtype == "float32" else session.plan.dtype,
-                      revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(metrics, run_dir / "loss.png")
     trainable, total = count_parameters(trainer.model)
     plan, data, before, task = session.plan, session.data, session.before, session.task
-    write_report(run_dir, {
+    info = {
         "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
         "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
         "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
         "kernels": session.engine.kernels, "processes": world_size(),
         "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
-        "train_rows": len(data.train), "eval_rows": len(data.eval), "wall_time_s": time.time() - session.started,
+        "train_rows": len(data.train), "eval_rows": len(data.eval),
         "trainable_params": trainable, "total_params": total, "metrics": metrics,
         "eval_loss": (session.final_eval or {}).get("eval_loss"),
         "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
         "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
-    })
+    }
+    if recipe.method != "full" and (export.merged or export.gguf):
+        from fasttune.export.exporter import export_run, request_from_recipe
+
+        request = request_from_recipe(recipe)
+        request.save_dtype = "bfloat16" if plan.dtype == "float32" else plan.dtype
+        export_run(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
+                   card_info={**training_summary(metrics), **info})
+    write_report(run_dir, {**info, "wall_time_s": time.time() - session.started})
     session.after = after
 
 

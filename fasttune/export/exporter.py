@@ -1,0 +1,153 @@
+"""Export a finished run: the adapter, the merged 16-bit model, GGUF files and Ollama Modelfiles.
+
+Called at the end of training (the recipe's ``export:`` section) and by
+``python -m fasttune export RUN_DIR``. Every output is written under a temporary name and renamed
+when complete; before anything is written, the free disk is checked against what the outputs
+will take, and a shortfall is named.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.markup import escape
+
+from fasttune.atomic_io import atomic_replace_dir, temp_dir_beside
+from fasttune.config import Recipe
+from fasttune.errors import Problem, UserError
+
+# Bits per weight of each GGUF type (block size included), for the disk estimate. The K-quant
+# mixes keep a few tensors at higher precision, so they are rounded up.
+BITS_PER_WEIGHT = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0, "q5_k_m": 5.8, "q6_k": 6.6}
+HEADROOM = 1.05
+
+
+@dataclass
+class ExportRequest:
+    adapter: bool = False
+    """Copy the adapter to ``out`` (it is always in the run folder already)."""
+    merged: bool = False
+    gguf: list[str] = field(default_factory=list)
+    out: Path | None = None
+    """Where to write; default: the run folder itself."""
+    save_dtype: str = "bfloat16"
+    """The merged model's dtype: bfloat16, or float16 for GPUs without bf16."""
+
+
+def request_from_recipe(recipe: Recipe) -> ExportRequest:
+    return ExportRequest(adapter=False, merged=recipe.export.merged or bool(recipe.export.gguf), gguf=list(recipe.export.gguf))
+
+
+def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, tokenizer=None, card_info: dict | None = None) -> list[Path]:
+    """Write what ``request`` asks for from ``run_dir``'s adapter; the paths written."""
+    from fasttune.model.source import resolve_model_source
+
+    run_dir = Path(run_dir)
+    out = Path(request.out or run_dir)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(Problem("RUN_DIR", str(run_dir), "has no adapter/ (the run did not finish, or trained without LoRA)",
+                                "export a finished LoRA/QLoRA run: python -m fasttune recipe NAME --resume finishes an interrupted one"))
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    source = resolve_model_source(recipe.model.name)
+    if card_info is None and (run_dir / "metrics.jsonl").is_file():
+        from fasttune.report import training_summary
+        from fasttune.train.metrics_log import read_metrics
+
+        card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
+    merged_dir = out / "merged"
+    need_merge = (request.merged or request.gguf) and not (merged_dir / "config.json").is_file()
+    check_disk(out, source, merge=bool(need_merge), gguf=request.gguf)
+    written = []
+    if request.adapter and out.resolve() != run_dir.resolve():
+        tmp = temp_dir_beside(out / "adapter")
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        written.append(atomic_replace_dir(tmp, out / "adapter"))
+    if need_merge:
+        from fasttune.export.merge import merge_adapter
+        from fasttune.export.model_card import model_card
+
+        console.print(f"[bold]merge[/] adapter -> {escape(str(merged_dir))}/ (16-bit, shard by shard)")
+        result = merge_adapter(source, adapter_dir, merged_dir, tokenizer, save_dtype=request.save_dtype,
+                               revision=recipe.model.revision, card=model_card(recipe, card_info))
+        written.append(result.path)
+    elif request.merged or request.gguf:
+        console.print(f"[bold]merge[/] {escape(str(merged_dir))}/ exists; exporting from it")
+    for index, gguf_type in enumerate(request.gguf):
+        written.extend(_write_gguf(merged_dir, out / "gguf", recipe, gguf_type, tokenizer, console, primary=index == 0))
+    return written
+
+
+def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str, tokenizer, console, primary: bool) -> list[Path]:
+    from fasttune.export.gguf_writer import write_gguf
+    from fasttune.export.modelfile import ollama_template, write_modelfile
+
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{recipe.name}-{gguf_type}.gguf"
+    console.print(f"[bold]gguf[/] {gguf_type} -> {escape(str(gguf_dir / name))}")
+    template = training_template(tokenizer, recipe)
+    # BOS at the start of a prompt exactly where the training template put one (llama3, mistral,
+    # gemma): the runtime adds it, so the Modelfile's template leaves it out.
+    result = write_gguf(merged_dir, gguf_dir / name, gguf_type, pre_tokenizer=recipe.export.gguf_pre_tokenizer,
+                        chat_template=tokenizer.chat_template, add_bos=ollama_template(template).bos_from_runtime)
+    for note in result.notes:
+        console.print(f"[yellow]gguf[/] {escape(note)}")
+    console.print(f"[bold]gguf[/] {name}: {result.size_bytes / 2**20:,.1f} MiB in {result.seconds:.1f} s")
+    system = recipe.data.system_prompt
+    if system and not ollama_template(template).system:
+        console.print(f"[yellow]modelfile[/] the {template.name} template has no system turn: data.system_prompt is not written to it")
+        system = None
+    try:
+        modelfile = write_modelfile(gguf_dir, name, template, system=system,
+                                    name="Modelfile" if primary else f"Modelfile.{gguf_type}")
+    except ValueError as err:
+        raise UserError(Problem("data.system_prompt", system, f"cannot go into an Ollama Modelfile: {err}",
+                                "remove the characters named, or export without a system prompt")) from None
+    return [result.path, modelfile]
+
+
+def training_template(tokenizer, recipe: Recipe):
+    """The ChatTemplate the adapter's tokenizer carries (fasttune saved the training template there)."""
+    from fasttune.families.chat_templates import TEMPLATES
+    from fasttune.model.tokenizer import choose_template
+
+    for template in TEMPLATES.values():
+        if template.source() == tokenizer.chat_template:
+            return template
+    return choose_template(tokenizer.chat_template, recipe, tokenizer.get_vocab()).template
+
+
+def parameter_count(source: str) -> int:
+    """Parameters in ``source``'s safetensors, from the file headers (no weights are read)."""
+    from safetensors import safe_open
+
+    from fasttune.export.merge import local_model_dir
+
+    total = 0
+    for shard in local_model_dir(source).glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as reader:
+            for key in reader.keys():
+                count = 1
+                for dim in reader.get_slice(key).get_shape():
+                    count *= dim
+                total += count
+    return total
+
+
+def check_disk(out: Path, source: str, merge: bool, gguf: list[str]) -> None:
+    """Refuse, naming the shortfall, when ``out``'s disk cannot hold what will be written."""
+    params = parameter_count(source)
+    needed = (2 * params if merge else 0) + sum(params * BITS_PER_WEIGHT[t] / 8 for t in gguf)
+    needed *= HEADROOM
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise UserError(Problem("--out", str(out), f"needs about {needed / 2**30:.1f} GiB free for the export; "
+                                f"{free / 2**30:.1f} GiB are free ({(needed - free) / 2**30:.1f} GiB short)",
+                                "free some space, export fewer GGUF types, or give --out on a larger disk"))
