@@ -188,6 +188,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from fasttune.bench.harness import BenchRequest, run_bench
+
+    for name in ("examples", "steps", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise UserError(Problem(f"--{name}", value, "must be a positive number" if name != "warmup" else "must be 0 or more",
+                                    "e.g. --examples 256 --warmup 2"))
+    console = _console()
+    results = run_bench(BenchRequest(args.recipe, args.examples, args.steps, args.warmup, args.random_init,
+                                     Path(args.out) if args.out else None, list(args.overrides), args.cpu), console)
+    from fasttune.bench.results import render_table
+
+    console.print(render_table(results))
+    console.print(f"[bold green]done[/] results.json, report.md and bench.png in {results['out']}/")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from fasttune.doctor import doctor
 
@@ -249,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF types, comma-separated: f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k (alone: q8_0)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("bench", help="the same training work through fasttune and vanilla PEFT: tokens/s and peak memory")
+    p.add_argument("recipe", metavar="RECIPE|FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for both sides, e.g. data.path=chat.jsonl")
+    p.add_argument("--examples", type=int, default=256, metavar="N", help="train on the first N examples, one pass (default 256)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="cap vanilla's optimizer steps; both sides then train on those examples")
+    p.add_argument("--warmup", type=int, default=2, metavar="K", help="optimizer steps left out of the speed figures (default 2)")
+    p.add_argument("--random-init", action="store_true", help="the base model's architecture with random weights (no download)")
+    p.add_argument("--out", metavar="DIR", help="where results.json, report.md and bench.png go (default bench-results/<recipe>-<time>)")
+    p.add_argument("--cpu", action="store_true", help="force the CPU")
+    p.set_defaults(func=cmd_bench)
 
     p = verbs.add_parser("data", help="look at a data source as training will see it")
     data_verbs = p.add_subparsers(dest="data_verb", required=True, metavar="VERB")

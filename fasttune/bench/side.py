@@ -1,0 +1,203 @@
+"""One side of a bench run, in a process of its own: train the examples, measure, write JSON.
+
+``python -m fasttune.bench.side SPEC.json OUT.json``. SPEC names the side (``fasttune`` or
+``vanilla``), the recipe and its overrides, and the warm-up; OUT receives the side document
+described in fasttune/bench/results.py.
+
+- **fasttune**: the recipe exactly as ``python -m fasttune recipe`` runs it (runner.setup: the
+  backend ``auto`` picks, fasttune's packing decision, its LoRA attachment).
+- **vanilla**: the standard recipe of TRL's SFT guides on the same model, data, tokenizer and
+  settings: ``AutoModelForCausalLM`` + the same ``BitsAndBytesConfig`` + TRL attaching the same
+  ``LoraConfig`` + ``SFTTrainer`` with its default data handling (no packing), SDPA attention.
+
+Each is its own process because Unsloth, once imported, patches transformers, TRL and PEFT for
+the whole process. Tokens are counted from what each training forward receives (a forward
+pre-hook), so the figures are what the model computed on, not what a data loader prepared.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+SIDES = ("fasttune", "vanilla")
+
+
+class Meter:
+    """Per optimizer step: wall time and the tokens of every micro-batch the model was given."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.training = False
+        self.step_times, self.trained, self.real, self.total, self.losses = [], [], [], [], []
+        self._batch = [0, 0, 0]
+        self._started = 0.0
+
+    def hook(self, module, args, kwargs):
+        if not self.training:
+            return
+        ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            return
+        self._batch[0] += int((labels != -100).sum()) if labels is not None else 0
+        self._batch[1] += int(mask.sum()) if mask is not None else ids.numel()  # padding-free rows have no mask
+        self._batch[2] += ids.numel()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Timing(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                meter.training = True
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                meter._started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if meter.cuda:
+                    import torch
+
+                    torch.cuda.synchronize()
+                meter.step_times.append(time.perf_counter() - meter._started)
+                for values, count in zip((meter.trained, meter.real, meter.total), meter._batch):
+                    values.append(count)
+                meter._batch = [0, 0, 0]
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs and len(meter.losses) < len(meter.step_times):
+                    meter.losses.append(float(logs["loss"]))
+
+            def on_train_end(self, args, state, control, **kwargs):
+                meter.training = False
+
+        return _Timing()
+
+
+def settings(recipe, bound, plan) -> dict:
+    sft, lora = bound.sft, bound.lora
+    return {
+        "model": recipe.model.name, "max_length": sft.max_length, "lora_r": lora.r, "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout, "target_modules": sorted(lora.target_modules), "learning_rate": sft.learning_rate,
+        "lr_scheduler_type": str(getattr(sft.lr_scheduler_type, "value", sft.lr_scheduler_type)),
+        "warmup_steps": sft.warmup_steps, "seed": sft.seed,
+        "quantization": bound.bnb.to_dict() if bound.bnb is not None else None,
+        "per_device_train_batch_size": sft.per_device_train_batch_size,
+        "gradient_accumulation_steps": sft.gradient_accumulation_steps,
+        "gradient_checkpointing": bool(sft.gradient_checkpointing), "packing": bool(sft.packing),
+        "examples": None, "dtype": plan.dtype,
+    }
+
+
+def run_side(spec: dict) -> dict:
+    from rich.console import Console
+
+    from fasttune import config, machine
+
+    side = spec["side"]
+    recipe = config.resolve(spec["recipe"], spec["overrides"])
+    found = machine.facts()
+    plan = machine.plan(recipe, found, force_cpu=spec.get("force_cpu", False))
+    console = Console(stderr=True, soft_wrap=True, quiet=spec.get("quiet", False))
+    if side == "vanilla":
+        plan.backend, plan.backend_reason, plan.attention = "hf", "vanilla PEFT", "sdpa"
+    else:
+        from fasttune.model.backends import unsloth_first
+
+        unsloth_first(recipe, plan, console)  # before transformers, TRL and PEFT
+    from transformers import set_seed
+
+    from fasttune.binding import bind
+
+    run_dir = Path(spec["work_dir"]) / side
+    bound = bind(recipe, plan, run_dir)
+    bound.sft.disable_tqdm = True
+    if side == "vanilla":
+        bound.sft.packing = False
+        bound.sft.padding_free = False
+    meter = Meter(plan.device == "cuda")
+    started = time.perf_counter()
+    if side == "fasttune":
+        from fasttune.train import runner
+
+        session = runner.setup(recipe, plan, bound, run_dir, console)
+        trainer, engine, data = session.trainer, session.engine, session.data
+        backend, reason, fast_path = engine.backend, engine.reason, engine.fast_path.describe() if engine.fast_path else None
+    else:
+        trainer, data = _vanilla_trainer(recipe, plan, bound, set_seed)
+        backend, reason, fast_path = "hf", "vanilla: transformers + bitsandbytes + PEFT + TRL defaults", None
+    load_s = time.perf_counter() - started
+    trainer.model.register_forward_pre_hook(meter.hook, with_kwargs=True)
+    trainer.add_callback(meter.callback())
+    begun = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - begun
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
+    document = settings(recipe, bound, plan)
+    document["examples"] = len(data.train)
+    return {
+        "side": side, "settings": document, "backend": backend, "backend_reason": reason, "fast_path": fast_path,
+        "attention": plan.attention, "device": plan.device_name, "versions": _versions(), "warmup": spec.get("warmup", 0),
+        "step_times_s": meter.step_times, "trained_tokens": meter.trained, "real_tokens": meter.real,
+        "total_tokens": meter.total, "losses": meter.losses, "eval_loss": eval_loss, **_peaks(plan.device == "cuda"),
+        "load_s": load_s, "train_s": train_s, "wall_s": time.perf_counter() - started,
+    }
+
+
+def _vanilla_trainer(recipe, plan, bound, set_seed):
+    """TRL's SFT guide: the same 4-bit config, TRL attaches the LoRA config, default data handling."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from fasttune.data.prepare import prepare
+    from fasttune.model.backends import hf
+    from fasttune.model.source import resolve_model_source
+    from fasttune.model.tokenizer import load_tokenizer
+
+    data = prepare(recipe)
+    source = resolve_model_source(recipe.model.name)
+    tokenizer, _ = load_tokenizer(source, recipe)  # the same training template and loss mask
+    set_seed(bound.sft.seed)
+    model = hf.load_base(source, dtype=plan.dtype, attention="sdpa", device=plan.device, quantization=bound.bnb,
+                         revision=recipe.model.revision)
+    trainer = SFTTrainer(model=model, args=bound.sft, train_dataset=Dataset.from_list(data.train),
+                         eval_dataset=Dataset.from_list(data.eval) if data.eval else None, processing_class=tokenizer,
+                         peft_config=bound.lora)
+    return trainer, data
+
+
+def _peaks(cuda: bool) -> dict:
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    if not cuda:
+        return {"peak_gpu_alloc_gib": None, "peak_gpu_reserved_gib": None, "peak_rss_gib": rss_gib}
+    import torch
+
+    return {"peak_gpu_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "peak_rss_gib": rss_gib}
+
+
+def _versions() -> dict:
+    from fasttune.report import installed_versions
+
+    return installed_versions(("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth"))
+
+
+def main(argv: list[str]) -> int:
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    if spec.get("side") not in SIDES:
+        raise SystemExit(f"side must be one of {SIDES}")
+    document = run_side(spec)
+    from fasttune.atomic_io import atomic_write_text
+
+    atomic_write_text(out_path, json.dumps(document, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
