@@ -31,18 +31,8 @@ from fasttune.export.modelfile import (
 )
 from fasttune.families.chat_templates import TEMPLATES, ChatTemplate
 from fixtures.go_template import GoTemplateError, render
-from fixtures.tokenizers import load_tokenizer
+from fixtures.tokenizers import TOKENIZER_FOR, load_tokenizer
 
-# The test tokenizer each template renders with (tests/fixtures/tokenizers.py).
-TOKENIZER_FOR = {
-    "llama3": "llama3",
-    "chatml": "smollm2",
-    "mistral": "mistral",
-    "qwen2_5": "qwen",
-    "qwen3": "qwen",
-    "gemma": "gemma",
-    "phi3": "phi3",
-}
 GGUF = "model-q4_k_m.gguf"
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}

@@ -15,18 +15,8 @@ from jinja2.exceptions import TemplateError
 from fasttune.families import FAMILIES
 from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template
 from fixtures.spans import decoded_runs
-from fixtures.tokenizers import load_tokenizer, original_templates, phi3_reference_tokenizations
+from fixtures.tokenizers import TOKENIZER_FOR, load_tokenizer, original_templates, phi3_reference_tokenizations
 
-# The real tokenizer each template is tested with (tests/fixtures/tokenizers.py).
-TOKENIZER_FOR = {
-    "llama3": "llama3",
-    "chatml": "smollm2",
-    "mistral": "mistral",
-    "qwen2_5": "qwen",
-    "qwen3": "qwen",
-    "gemma": "gemma",
-    "phi3": "phi3",
-}
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
 Q1 = {"role": "user", "content": "What is the capital of France?"}
