@@ -129,7 +129,11 @@ def cmd_recipe(args) -> int:
         console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: python -m fasttune recipe "
                       f"{escape(args.recipe)} --resume {escape(str(stop.run_dir))}")
         return 130
-    console.print(f"[bold green]done[/] everything is in {escape(str(session.run_dir))}/ (report.md, adapter/, metrics.jsonl, loss.png)")
+    made = [name for name in ("report.md", "adapter/", "merged/", "gguf/", "metrics.jsonl", "loss.png")
+            if (session.run_dir / name.rstrip("/")).exists()]
+    console.print(f"[bold green]done[/] everything is in {escape(str(session.run_dir))}/ ({', '.join(made)})")
+    if (session.run_dir / "gguf" / "Modelfile").is_file():
+        console.print(f"    run it with Ollama: ollama create {escape(recipe.name)} -f {escape(str(session.run_dir / 'gguf' / 'Modelfile'))}")
     return 0
 
 
