@@ -73,7 +73,8 @@ def test_both_sides_run_and_the_report_is_written(tmp_path):
     assert vanilla["settings"]["examples"] == fast["settings"]["examples"] == 24
     # Same examples: the same tokens are trained on both sides, packed or not.
     assert sum(vanilla["trained_tokens"]) == sum(fast["trained_tokens"])
-    assert sum(fast["real_tokens"]) == sum(fast["total_tokens"])  # packed rows carry no padding
-    assert sum(vanilla["total_tokens"]) > sum(vanilla["real_tokens"])
+    # Packed bins leave a little padding at row ends; padding each batch to its longest row leaves more.
+    padding = {side: 1 - sum(d["real_tokens"]) / sum(d["total_tokens"]) for side, d in (("f", fast), ("v", vanilla))}
+    assert padding["f"] < padding["v"]
     assert saved["loss_agreement"]["mode"] == "eval loss"
     assert results["ratios"] and "trained" in (out / "report.md").read_text().lower()

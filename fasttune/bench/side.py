@@ -44,7 +44,7 @@ class Meter:
         if ids is None:
             return
         self._batch[0] += int((labels != -100).sum()) if labels is not None else 0
-        self._batch[1] += int(mask.sum()) if mask is not None else ids.numel()  # padding-free rows have no mask
+        self._batch[1] += int(mask.sum()) if mask is not None else ids.numel() - _row_end_padding(kwargs.get("position_ids"))
         self._batch[2] += ids.numel()
 
     def callback(self):
@@ -77,6 +77,17 @@ class Meter:
                 meter.training = False
 
         return _Timing()
+
+
+def _row_end_padding(position_ids) -> int:
+    """Padding in packed rows without an attention mask: the run of position 0 ending each row (a
+    real one-token sequence at a row's very end would count too: at most one token per row)."""
+    if position_ids is None or position_ids.shape[0] < 2:
+        return 0  # a single flattened row has no padding
+    import torch
+
+    nonzero_seen = (position_ids.flip(-1) != 0).to(torch.int32).cumsum(-1)
+    return int((nonzero_seen == 0).sum())
 
 
 def settings(recipe, bound, plan) -> dict:

@@ -124,6 +124,9 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
         processing_class=tokenizer,
         callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
     )
+    from fasttune.train.packed_rows import keep_packed_rows_apart
+
+    keep_packed_rows_apart(trainer, plan.attention)
     if bound.bnb is not None:
         from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
 
