@@ -56,15 +56,20 @@ def test_random_init_architectures_and_byte_level_tokenizer():
     assert tokenizer.convert_tokens_to_ids("[INST]") in ids and tokenizer.convert_tokens_to_ids("</s>") in ids
 
 
-@pytest.mark.slow
-def test_both_sides_run_and_the_report_is_written(tmp_path):
+def bench_tiny(tmp_path: Path, rows: int, examples: int, packing: bool) -> dict:
+    """The demo recipe's bench on a tiny llama and generated chat data."""
     model = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "model")
     data = tmp_path / "chat.jsonl"
-    subprocess.run([sys.executable, str(REPO / "bench" / "chat_data.py"), str(data), "--rows", "80"], check=True, capture_output=True)
-    request = harness.BenchRequest("demo", examples=24, warmup=1, out=tmp_path / "out",
+    subprocess.run([sys.executable, str(REPO / "bench" / "chat_data.py"), str(data), "--rows", str(rows)], check=True, capture_output=True)
+    request = harness.BenchRequest("demo", examples=examples, warmup=1, out=tmp_path / "out",
                                    overrides=[f"model.name={model}", f"data.path={data}", "data.eval_fraction=0.1",
-                                              "train.max_length=128", "train.packing=true"])
-    results = harness.run_bench(request, Console(quiet=True))
+                                              "train.max_length=128", f"train.packing={str(packing).lower()}"])
+    return harness.run_bench(request, Console(quiet=True))
+
+
+@pytest.mark.slow
+def test_both_sides_run_and_the_report_is_written(tmp_path):
+    results = bench_tiny(tmp_path, rows=80, examples=24, packing=True)
     out = tmp_path / "out"
     assert {"results.json", "report.md", "bench.png"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "results.json").read_text())
@@ -82,13 +87,7 @@ def test_both_sides_run_and_the_report_is_written(tmp_path):
 
 @pytest.mark.slow
 def test_without_packing_both_sides_lose_the_same_on_the_same_batches(tmp_path):
-    model = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "model")
-    data = tmp_path / "chat.jsonl"
-    subprocess.run([sys.executable, str(REPO / "bench" / "chat_data.py"), str(data), "--rows", "40"], check=True, capture_output=True)
-    request = harness.BenchRequest("demo", examples=16, warmup=1, out=tmp_path / "out",
-                                   overrides=[f"model.name={model}", f"data.path={data}", "data.eval_fraction=0.1",
-                                              "train.max_length=128", "train.packing=false"])
-    results = harness.run_bench(request, Console(quiet=True))
+    results = bench_tiny(tmp_path, rows=40, examples=16, packing=False)
     agreement = results["loss_agreement"]
     assert agreement["mode"] == "same batches" and agreement["ok"], agreement
     assert agreement["max_rel_diff"] < 1e-5  # the same pipeline on a CPU: equal to float32 rounding
