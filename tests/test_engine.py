@@ -223,3 +223,23 @@ def test_importing_fasttune_does_not_import_torch():
     assert result.returncode == 0, result.stderr
     # The class itself is torch-free until from_pretrained runs.
     assert result.stdout.strip() == "False"
+
+
+def test_liger_is_applied_on_cuda_only_and_only_when_installed(tmp_path, monkeypatch):
+    from fasttune.model.backends import hf
+
+    model = torch.nn.Linear(2, 2)
+    assert hf.apply_liger(model, "cpu") is None  # Triton needs a GPU driver
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    assert hf.apply_liger(model, "cuda") is None
+    package = tmp_path / "liger_kernel"
+    (package / "transformers").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "transformers" / "__init__.py").write_text(
+        "applied = []\ndef _apply_liger_kernel_to_instance(model):\n    applied.append(model)\n")
+    monkeypatch.delitem(sys.modules, "liger_kernel")
+    monkeypatch.delitem(sys.modules, "liger_kernel.transformers")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert hf.apply_liger(model, "cuda").startswith("Liger (")
+    assert sys.modules["liger_kernel.transformers"].applied == [model]
