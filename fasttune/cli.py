@@ -152,8 +152,11 @@ def _print_dry_run(recipe, bound, found, args, console) -> int:
         # What the run would do on the card it is sized for (bf16-capable, Unsloth as installed here).
         card = machine.MachineFacts(True, f"a {recipe.gpu_memory_gb} GB CUDA GPU", float(recipe.gpu_memory_gb), True,
                                     found.torch_version, found.unsloth_installed)
+        card_plan = machine.plan(recipe, card)
         console.print(f"[yellow]machine[/] no CUDA GPU here: a real run of {recipe.name} stops at once; "
-                      f"on {card.device_name} it would use: {escape(machine.plan(recipe, card).summary())}")
+                      f"on {card.device_name} it would use: {escape(card_plan.summary())}")
+        for note in card_plan.notes:
+            console.print(f"[yellow]note[/] there: {escape(note)}")
     console.print("dry run: no weights were loaded")
     return 0
 

@@ -243,3 +243,15 @@ def test_liger_is_applied_on_cuda_only_and_only_when_installed(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     assert hf.apply_liger(model, "cuda").startswith("Liger (")
     assert sys.modules["liger_kernel.transformers"].applied == [model]
+
+
+def test_dry_run_names_settings_that_would_cost_the_fast_path_on_the_card(tmp_path):
+    """Without a GPU, --dry-run shows what the recipe's card would do, fast-path notes included
+    (Unsloth is found, not imported: a dry run imports nothing of it)."""
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text('raise RuntimeError("a dry run must not import Unsloth")\n')
+    result = subprocess.run([sys.executable, "-m", "fasttune", "recipe", "mistral_qlora", "--dry-run", "lora.bias=all"],
+                            capture_output=True, text=True, timeout=300, env=env_without_unsloth(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "it would use: backend unsloth (CUDA + Unsloth installed + supported family)" in result.stdout
+    assert "note there: Unsloth's fused fast path will be skipped: lora.bias=all: the fused kernels need bias none" in result.stdout
