@@ -1,4 +1,4 @@
-"""fasttune.bench.results: the bench's analysis and report, from hand-built side documents.
+"""fasttune.bench.analysis and .results: the bench's analysis and report, from hand-built side documents.
 
 Pure Python plus matplotlib (for bench.png): no torch, no training.
 """
@@ -12,6 +12,7 @@ import math
 import pytest
 from rich.console import Console
 
+from fasttune.bench import analysis
 from fasttune.bench import results as bench
 from fasttune.errors import UserError
 
@@ -62,7 +63,7 @@ def _faster(side: dict, factor: float) -> dict:
 
 
 def test_summarize_excludes_warmup():
-    s = bench.summarize(_side("vanilla"))
+    s = analysis.summarize(_side("vanilla"))
     assert s["timed_steps"] == 4 and s["steps"] == 6 and s["warmup"] == 2
     assert s["timed_s"] == pytest.approx(9.0)
     assert s["trained_tokens_per_s"] == pytest.approx(100.0)
@@ -77,22 +78,22 @@ def test_summarize_excludes_warmup():
 
 def test_percentile_nearest_rank():
     values = [float(v) for v in range(1, 11)]
-    assert bench.percentile(values, 50) == 5.0
-    assert bench.percentile(values, 90) == 9.0
-    assert bench.percentile([7.0], 90) == 7.0
+    assert analysis.percentile(values, 50) == 5.0
+    assert analysis.percentile(values, 90) == 9.0
+    assert analysis.percentile([7.0], 90) == 7.0
 
 
 def test_summarize_too_few_steps():
     side = _side("fasttune", step_times_s=[1.0, 1.0], trained_tokens=[1, 1], real_tokens=[1, 1],
                  total_tokens=[1, 1], losses=[1.0, 1.0])
     with pytest.raises(ValueError, match="--examples.*--warmup"):
-        bench.summarize(side)
-    assert bench.summarize({**side, "warmup": 1})["timed_steps"] == 1
+        analysis.summarize(side)
+    assert analysis.summarize({**side, "warmup": 1})["timed_steps"] == 1
 
 
 def test_summarize_refuses_ragged_lists():
     with pytest.raises(ValueError, match="differ in length"):
-        bench.summarize(_side("fasttune", losses=[1.0]))
+        analysis.summarize(_side("fasttune", losses=[1.0]))
 
 
 # -- check_equal_settings --
@@ -101,7 +102,7 @@ def test_summarize_refuses_ragged_lists():
 def test_settings_mismatch_names_every_key():
     fasttune = _side("fasttune", settings={"learning_rate": 1e-4, "lora_r": 16})
     with pytest.raises(UserError) as caught:
-        bench.check_equal_settings(fasttune, _side("vanilla"))
+        analysis.check_equal_settings(fasttune, _side("vanilla"))
     wheres = [p.where for p in caught.value.problems]
     assert wheres == ["settings.lora_r", "settings.learning_rate"]
     text = caught.value.render()
@@ -112,25 +113,25 @@ def test_settings_missing_key_and_device_are_refused():
     vanilla = _side("vanilla", device="another device")
     del vanilla["settings"]["seed"]
     with pytest.raises(UserError) as caught:
-        bench.check_equal_settings(_side("fasttune"), vanilla)
+        analysis.check_equal_settings(_side("fasttune"), vanilla)
     assert {p.where for p in caught.value.problems} == {"settings.seed", "device"}
 
 
 def test_settings_allow_what_only_fasttune_may_differ_in():
     packed = _side("fasttune", settings={"packing": True, "per_device_train_batch_size": 1,
                                          "gradient_accumulation_steps": 4, "gradient_checkpointing": True})
-    bench.check_equal_settings(packed, _side("vanilla"))  # no error
+    analysis.check_equal_settings(packed, _side("vanilla"))  # no error
     target_order = _side("vanilla", settings={"target_modules": ["q_proj", "v_proj", "k_proj"]})
-    bench.check_equal_settings(_side("fasttune"), target_order)
+    analysis.check_equal_settings(_side("fasttune"), target_order)
 
 
 def test_settings_batch_size_must_match_without_packing():
     unpacked = _side("fasttune", settings={"per_device_train_batch_size": 4})
     with pytest.raises(UserError) as caught:
-        bench.check_equal_settings(unpacked, _side("vanilla"))
+        analysis.check_equal_settings(unpacked, _side("vanilla"))
     assert [p.where for p in caught.value.problems] == ["settings.per_device_train_batch_size"]
     with pytest.raises(UserError, match="does not pack"):
-        bench.check_equal_settings(_side("fasttune"), _side("vanilla", settings={"packing": True}))
+        analysis.check_equal_settings(_side("fasttune"), _side("vanilla", settings={"packing": True}))
 
 
 # -- loss_agreement --
@@ -138,36 +139,36 @@ def test_settings_batch_size_must_match_without_packing():
 
 def test_loss_agreement_same_batches():
     f, v = _side("fasttune"), _side("vanilla")
-    same = bench.loss_agreement({**f, "losses": [x * (1 + 1e-5) for x in LOSSES]}, v)
+    same = analysis.loss_agreement({**f, "losses": [x * (1 + 1e-5) for x in LOSSES]}, v)
     assert same["mode"] == "same batches" and same["ok"]
-    assert same["tolerance"] == bench.SAME_BATCH_LOSS_RTOL and same["steps_compared"] == 6
+    assert same["tolerance"] == analysis.SAME_BATCH_LOSS_RTOL and same["steps_compared"] == 6
     assert same["max_rel_diff"] == pytest.approx(1e-5)
-    drift = bench.loss_agreement({**f, "losses": [x * 1.10 for x in LOSSES]}, v)
+    drift = analysis.loss_agreement({**f, "losses": [x * 1.10 for x in LOSSES]}, v)
     assert not drift["ok"] and drift["max_rel_diff"] == pytest.approx(0.10)
 
 
 def test_loss_agreement_tolerance_follows_backends():
     f = {**_side("fasttune"), "backend": "unsloth", "losses": [x * 1.02 for x in LOSSES]}
-    across = bench.loss_agreement(f, _side("vanilla"))
-    assert across["tolerance"] == bench.SAME_BATCH_LOSS_RTOL_ACROSS_BACKENDS and across["ok"]
-    assert not bench.loss_agreement({**f, "losses": [x * 1.10 for x in LOSSES]}, _side("vanilla"))["ok"]
+    across = analysis.loss_agreement(f, _side("vanilla"))
+    assert across["tolerance"] == analysis.SAME_BATCH_LOSS_RTOL_ACROSS_BACKENDS and across["ok"]
+    assert not analysis.loss_agreement({**f, "losses": [x * 1.10 for x in LOSSES]}, _side("vanilla"))["ok"]
 
 
 def test_loss_agreement_refuses_different_tokens_or_steps():
     f, v = _side("fasttune"), _side("vanilla")
-    masked = bench.loss_agreement({**f, "trained_tokens": [t + 1 for t in TRAINED]}, v)
+    masked = analysis.loss_agreement({**f, "trained_tokens": [t + 1 for t in TRAINED]}, v)
     assert not masked["ok"] and "mask" in masked["detail"]
-    shorter = bench.loss_agreement({**f, "losses": LOSSES[:5]}, v)
+    shorter = analysis.loss_agreement({**f, "losses": LOSSES[:5]}, v)
     assert not shorter["ok"] and shorter["steps_compared"] == 5
 
 
 def test_loss_agreement_packed_uses_eval_loss():
     packed = _side("fasttune", settings={"packing": True}, losses=[9.0, 9.0], eval_loss=1.45)
-    result = bench.loss_agreement(packed, _side("vanilla", eval_loss=1.40))
-    assert result["mode"] == "eval loss" and result["tolerance"] == bench.PACKED_EVAL_LOSS_RTOL
+    result = analysis.loss_agreement(packed, _side("vanilla", eval_loss=1.40))
+    assert result["mode"] == "eval loss" and result["tolerance"] == analysis.PACKED_EVAL_LOSS_RTOL
     assert result["max_rel_diff"] == pytest.approx(0.05 / 1.40) and result["ok"]
-    assert not bench.loss_agreement({**packed, "eval_loss": 1.60}, _side("vanilla"))["ok"]
-    missing = bench.loss_agreement({**packed, "eval_loss": None}, _side("vanilla"))
+    assert not analysis.loss_agreement({**packed, "eval_loss": 1.60}, _side("vanilla"))["ok"]
+    missing = analysis.loss_agreement({**packed, "eval_loss": None}, _side("vanilla"))
     assert not missing["ok"] and missing["max_rel_diff"] is None
 
 
@@ -175,30 +176,30 @@ def test_loss_agreement_packed_uses_eval_loss():
 
 
 def test_ratios():
-    f = bench.summarize(_faster(_side("fasttune", peak_rss_gib=1.5), 2.0))
-    v = bench.summarize(_side("vanilla"))
-    r = bench.ratios(f, v)
+    f = analysis.summarize(_faster(_side("fasttune", peak_rss_gib=1.5), 2.0))
+    v = analysis.summarize(_side("vanilla"))
+    r = analysis.ratios(f, v)
     assert r["trained_tokens_per_s"] == pytest.approx(2.0) and r["total_tokens_per_s"] == pytest.approx(2.0)
     assert r["train_time_speedup"] == pytest.approx(2.0)
     assert r["peak_rss"] == pytest.approx(0.5)
     assert r["peak_gpu_alloc"] is None and r["peak_gpu_reserved"] is None
-    gpu = bench.ratios(bench.summarize(_side("fasttune", cuda=True, peak_gpu_alloc_gib=4.0)),
-                       bench.summarize(_side("vanilla", cuda=True)))
+    gpu = analysis.ratios(analysis.summarize(_side("fasttune", cuda=True, peak_gpu_alloc_gib=4.0)),
+                       analysis.summarize(_side("vanilla", cuda=True)))
     assert gpu["peak_gpu_alloc"] == pytest.approx(0.4) and gpu["peak_gpu_reserved"] == pytest.approx(1.0)
 
 
 def test_targets_cpu_met_and_missed():
-    met = bench.targets({"trained_tokens_per_s": 1.6, "peak_rss": 1.01}, device_is_cuda=False)
+    met = analysis.targets({"trained_tokens_per_s": 1.6, "peak_rss": 1.01}, device_is_cuda=False)
     assert [t["met"] for t in met] == [True, True] and all(t["target"].startswith("CPU") for t in met)
     assert met[0]["measured"] == 1.6
-    missed = bench.targets({"trained_tokens_per_s": 1.4, "peak_rss": 1.05}, device_is_cuda=False)
+    missed = analysis.targets({"trained_tokens_per_s": 1.4, "peak_rss": 1.05}, device_is_cuda=False)
     assert [t["met"] for t in missed] == [False, False]
 
 
 def test_targets_gpu_met_and_missed():
-    met = bench.targets({"trained_tokens_per_s": 2.1, "peak_gpu_alloc": 0.5}, device_is_cuda=True)
+    met = analysis.targets({"trained_tokens_per_s": 2.1, "peak_gpu_alloc": 0.5}, device_is_cuda=True)
     assert [t["met"] for t in met] == [True, True] and all(t["target"].startswith("GPU") for t in met)
-    missed = bench.targets({"trained_tokens_per_s": 1.9, "peak_gpu_alloc": None}, device_is_cuda=True)
+    missed = analysis.targets({"trained_tokens_per_s": 1.9, "peak_gpu_alloc": None}, device_is_cuda=True)
     assert [t["met"] for t in missed] == [False, False] and missed[1]["measured"] is None
 
 
