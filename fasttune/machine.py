@@ -70,12 +70,8 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
 
     if recipe.model.dtype != "auto":
         dtype, dtype_reason = recipe.model.dtype, "set by the recipe"
-    elif not on_gpu:
-        dtype, dtype_reason = "float32", "CPU: 16-bit training on a CPU is slow and bf16 is refused by TRL there"
-    elif found.bf16:
-        dtype, dtype_reason = "bfloat16", f"{found.device_name} supports bf16"
     else:
-        dtype, dtype_reason = "float16", f"{found.device_name} has no bf16 (pre-Ampere)"
+        dtype, dtype_reason = device_dtype(found, on_gpu)
 
     family = get_family(recipe.family)
     backend, backend_reason = choose_backend(recipe.model.backend, "model.backend", on_gpu=on_gpu, cuda=found.cuda,
@@ -93,6 +89,16 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
                      "lower train.per_device_train_batch_size or train.max_length if it runs out of memory")
     return MachinePlan(device, device_name, dtype, dtype_reason, backend, backend_reason,
                        "unsloth" if backend == "unsloth" else recipe.model.attn_implementation, notes)
+
+
+def device_dtype(found: MachineFacts, on_gpu: bool) -> tuple[str, str]:
+    """``(dtype, reason)`` the device dictates: bf16 where the GPU has it, fp16 below Ampere, fp32 on the CPU."""
+    if not on_gpu:
+        why = "no CUDA device" if not found.cuda else "--cpu was given"
+        return "float32", f"{why}: 16-bit training on a CPU is slow and TRL refuses bf16 there"
+    if found.bf16:
+        return "bfloat16", f"{found.device_name} supports bf16"
+    return "float16", f"{found.device_name} has no bf16 (pre-Ampere)"
 
 
 def choose_backend(wanted: str, key: str, *, on_gpu: bool, cuda: bool, unsloth_installed: bool, family: Family | None,

@@ -157,18 +157,16 @@ def _model_type(source: str, revision: str | None, token: str | None) -> str | N
 
 
 def _dtype(dtype, found) -> tuple[str, str]:
-    """The compute dtype's name: as given, else bf16 where the GPU has it, fp16 below Ampere, fp32 on CPU."""
-    if dtype is not None:
-        name = str(dtype).removeprefix("torch.")
-        if name not in ("bfloat16", "float16", "float32"):
-            raise UserError(Problem("dtype", dtype, "must be torch.bfloat16, torch.float16, torch.float32 or None",
-                                    "pass dtype=None to pick from the device"))
-        return name, "given"
-    if not found.cuda:
-        return "float32", "no CUDA device: 16-bit training on a CPU is slow and TRL refuses bf16 there"
-    if found.bf16:
-        return "bfloat16", f"{found.device_name} supports bf16"
-    return "float16", f"{found.device_name} has no bf16 (pre-Ampere)"
+    """The compute dtype's name: as given, else what the device dictates (fasttune.machine.device_dtype)."""
+    from fasttune.machine import device_dtype
+
+    if dtype is None:
+        return device_dtype(found, on_gpu=found.cuda)
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(Problem("dtype", dtype, "must be torch.bfloat16, torch.float16, torch.float32 or None",
+                                "pass dtype=None to pick from the device"))
+    return name, "given"
 
 
 def _load_hf(source, max_seq_length, dtype, device, load_in_4bit, token, device_map, trust_remote_code, revision,
