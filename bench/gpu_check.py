@@ -1,7 +1,8 @@
 """GPU proof for the engine: QLoRA on a Mistral-7B-shaped model, Unsloth backend against hf.
 
-It builds a model with the Mistral 7B v0.1 architecture and random weights (nothing is downloaded),
-saves it once with a 32000-token tokenizer built in code, then, in one child process per backend
+It builds a model with the mistral_qlora recipe's architecture (Mistral 7B v0.3) and random weights
+(nothing is downloaded; fasttune.bench.random_model, the bench's own builder, on the GPU in bfloat16,
+written once and reused), then, in one child process per backend
 (``import unsloth`` patches transformers, TRL and PEFT for the whole process), loads it in 4-bit
 through ``fasttune.FastLanguageModel``, attaches LoRA r=16 to all seven projections and trains 20
 steps of 2048 random tokens with TRL's SFTTrainer. Each child prints the backend it actually used,
@@ -11,8 +12,9 @@ side by side with a verdict. Exit status 0 when every backend that could run did
 On a CUDA machine (about 15 GB of free disk for the model; a few minutes on one H100)::
 
     python bench/gpu_check.py                  # both backends, 20 steps of 2048 tokens
-    python bench/gpu_check.py --wheels DIR     # first install the wheels bench/gpu_wheels.sh fetched
+    python bench/gpu_check.py --wheels KIT     # first install the kit bench/gpu_kit.sh built (bench/README.md)
     python bench/gpu_check.py --model-dir DIR  # keep the random model in DIR and reuse it next time
+    python bench/gpu_check.py --out DIR        # also write gpu_check.json and gpu_check.md into DIR
 
 On a GPU the check fails when Unsloth cannot be imported: proving its fast path is its purpose.
 
@@ -38,21 +40,15 @@ import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
-from gpu_check_report import ChildOutcome, judge, print_table, status_of  # noqa: E402  (bench/ is on sys.path)
+from gpu_check_report import ChildOutcome, judge, markdown_table, print_table, status_of  # noqa: E402  (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
-WHEELS_LIST = REPO / "bench" / "gpu_wheels.txt"
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))  # fasttune itself, for the random model (the children get it on PYTHONPATH)
 RESULT_TAG = "GPU_CHECK_RESULT"
 BACKENDS = ("unsloth", "hf")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
-    "{% else %} {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-)
-MODEL_MARKER = "gpu_check_model.json"
 STDERR_TAIL = 30
 
 
@@ -61,11 +57,10 @@ class Profile:
     """What one mode builds and trains."""
 
     name: str
-    vocab_size: int
+    recipe: str
+    """Whose architecture (fasttune.bench.random_model.BASE_CONFIGS) the random model has."""
     shapes: dict
-    """MistralConfig overrides; empty means its defaults (the 7B v0.1 shapes)."""
-    dtype: str
-    """The dtype the random model is built and saved in."""
+    """Architecture overrides; empty means the recipe's base model's own (7B)."""
     seq_len: int
     steps: int
     disk_gib: float
@@ -74,10 +69,10 @@ class Profile:
     """Steps left out of the timing (CUDA kernels compile and autotune there)."""
 
 
-FULL = Profile("mistral-7b", 32000, {}, "bfloat16", seq_len=2048, steps=20, disk_gib=15.5, warmup=2)
-SMOKE = Profile("tiny-mistral", 512, {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                      "num_key_value_heads": 2, "intermediate_size": 128},
-                "float32", seq_len=64, steps=3, disk_gib=0.1, warmup=2)
+FULL = Profile("mistral-7b", "mistral_qlora", {}, seq_len=2048, steps=20, disk_gib=15.5, warmup=2)
+SMOKE = Profile("tiny-mistral", "mistral_qlora", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512},
+                seq_len=64, steps=3, disk_gib=0.1, warmup=2)
 
 
 def log(message: str) -> None:
@@ -85,29 +80,24 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Wheels: a machine that has torch and transformers but not the rest.
+# The kit: a machine that has torch and transformers but not the rest.
 
 
-def install_wheels(wheel_dir: Path) -> None:
-    """Install the pinned wheels of bench/gpu_wheels.txt from ``wheel_dir``, without an index."""
-    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
-               "--find-links", str(wheel_dir), "--no-deps", "-r", str(WHEELS_LIST)]
-    log("installing: " + " ".join(command))
-    subprocess.run(command, check=True)
+def use_kit(kit: Path, site: Path) -> None:
+    """Install the kit (bench/gpu_kit.py) into ``site`` and put it first on this process's and the children's path."""
+    from gpu_kit import install
 
-
-def pinned_wheels() -> dict[str, str]:
-    pins = {}
-    for line in WHEELS_LIST.read_text(encoding="utf-8").splitlines():
-        name, _, version = line.split("#")[0].strip().partition("==")
-        if name:
-            pins[name] = version
-    return pins
+    names = install(kit, site)
+    log(f"installed {len(names)} wheels from {kit} into {site}")
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def missing_packages() -> list[str]:
     """The packages of bench/gpu_wheels.txt this Python lacks; those at another version are only logged."""
     from importlib.metadata import PackageNotFoundError, version
+
+    from gpu_kit import pinned_wheels
 
     missing = []
     for name, pinned in pinned_wheels().items():
@@ -121,93 +111,29 @@ def missing_packages() -> list[str]:
     return missing
 
 
-# ---------------------------------------------------------------------------------------------
-# The random model and its tokenizer.
+def ensure_model(profile: Profile, model_dir: Path, use_cuda: bool) -> None:
+    """The random model in ``model_dir``: built (on the GPU in bfloat16 when ``use_cuda``), or reused."""
+    from fasttune import config
+    from fasttune.bench.random_model import build_random_model
 
-
-def build_tokenizer(vocab_size: int):
-    """A word-level tokenizer of exactly ``vocab_size`` tokens with Mistral's special tokens."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>", additional_special_tokens=["[INST]", "[/INST]"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if len(tokenizer) != vocab_size:
-        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
-    return tokenizer
-
-
-def model_signature(profile: Profile) -> dict:
-    return {"profile": profile.name, "vocab_size": profile.vocab_size, "shapes": profile.shapes, "dtype": profile.dtype}
-
-
-def check_weights(model) -> None:
-    """Refuse uninitialised weights: anything non-finite, or a matrix that is all one value."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise RuntimeError(f"random model has non-finite values in {name}")
-            if param.dim() == 2 and param.float().std() == 0:
-                raise RuntimeError(f"random model's {name} is constant: its weights were not initialised")
-
-
-def build_model(profile: Profile, model_dir: Path, device: str) -> None:
-    """Random weights (normal, std initializer_range=0.02) in the profile's dtype, saved with the tokenizer."""
-    import gc
-
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    tokenizer = build_tokenizer(profile.vocab_size)
-    config = MistralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **profile.shapes)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MistralForCausalLM._from_config(config, dtype=getattr(torch, profile.dtype))
-    check_weights(model)
-    params = sum(p.numel() for p in model.parameters())
-    embed_std = model.get_input_embeddings().weight.float().std().item()
-    log(f"random {profile.name}: {params:,} parameters, hidden {config.hidden_size}, {config.num_hidden_layers} "
-        f"layers, {config.num_attention_heads} heads / {config.num_key_value_heads} kv, vocab {config.vocab_size}, "
-        f"{profile.dtype} on {device}, embedding std {embed_std:.4f}")
-    model.save_pretrained(model_dir, max_shard_size="5GB")
-    tokenizer.save_pretrained(model_dir)
-    (model_dir / MODEL_MARKER).write_text(json.dumps(model_signature(profile)), encoding="utf-8")
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def ensure_model(profile: Profile, model_dir: Path, device: str) -> None:
-    """Build the random model into ``model_dir`` unless the same one is already there."""
-    marker = model_dir / MODEL_MARKER
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == model_signature(profile):
-        log(f"reusing the random model in {model_dir}")
-        return
-    model_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    build_model(profile, model_dir, device)
+    build_random_model(config.resolve(profile.recipe), model_dir, force_cpu=not use_cuda, shapes=profile.shapes)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    log(f"random {profile.name} ({profile.recipe}'s architecture{', tiny shapes' if profile.shapes else ''}): "
+        f"{size / 2**30:.2f} GiB of safetensors in {model_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The child: one backend, through fasttune's API.
 
 
-def random_rows(rows: int, seq_len: int, vocab_size: int, first_id: int, seed: int) -> list[list[int]]:
+def random_rows(rows: int, seq_len: int, tokenizer, seed: int) -> list[list[int]]:
+    """Random ids of the tokenizer's ordinary (non-special) tokens."""
     import random
 
+    special = set(tokenizer.all_special_ids)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed)
-    return [[rng.randrange(first_id, vocab_size) for _ in range(seq_len)] for _ in range(rows)]
+    return [[rng.choice(ordinary) for _ in range(seq_len)] for _ in range(rows)]
 
 
 def step_timer(cuda: bool):
@@ -289,7 +215,7 @@ def make_trainer(args, model, tokenizer, engine, cuda: bool, timer):
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    rows = random_rows(args.steps, args.seq_len, len(tokenizer), len(SPECIAL_TOKENS), seed=3407)
+    rows = random_rows(args.steps, args.seq_len, tokenizer, seed=3407)
     config = SFTConfig(
         output_dir=str(Path(args.workdir) / f"trainer-{args.backend}"), per_device_train_batch_size=1,
         gradient_accumulation_steps=1, max_steps=args.steps, max_length=args.seq_len, packing=False, learning_rate=2e-4,
@@ -422,38 +348,43 @@ def enough_disk(folder: Path, profile: Profile) -> bool:
 
 def run_parent(args) -> int:
     begun = time.perf_counter()
-    if args.wheels:
-        phase = time.perf_counter()
-        try:
-            install_wheels(Path(args.wheels))
-        except subprocess.CalledProcessError as err:
-            log(f"installing the wheels failed (pip exit {err.returncode}); see pip's message above")
-            return 1
-        log(f"phase wheels: {time.perf_counter() - phase:.1f} s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to look up (offline lookups retry for ~45 s)
     profile = SMOKE if args.smoke else FULL
-    on_cuda, machine = cuda_summary()
-    log(machine)
-    if not on_cuda and (args.gpu or not args.smoke):
-        log("no CUDA device: this check needs a GPU; run `python bench/gpu_check.py --smoke` for the CPU version")
-        return 1
-    use_cuda = on_cuda and (args.gpu or not args.smoke)
-    missing = missing_packages()
-    if missing:
-        log(f"not installed: {', '.join(missing)} (bench/gpu_wheels.sh fetches them; --wheels DIR installs them)")
-        if use_cuda:  # fail before the 7B model is built, not minutes later in the children
-            return 1
     workdir = Path(tempfile.mkdtemp(prefix="fasttune-gpu-check-", dir=args.workdir))
-    model_dir = Path(args.model_dir).resolve() if args.model_dir else workdir / "model"
-    outcomes = []
+    phases: dict[str, float] = {}
     try:
+        if args.wheels:
+            phase = time.perf_counter()
+            try:
+                use_kit(Path(args.wheels), workdir / "site")
+            except subprocess.CalledProcessError as err:
+                log(f"installing the kit failed (pip exit {err.returncode}); see pip's message above")
+                return 1
+            phases["kit"] = time.perf_counter() - phase
+            log(f"phase kit: {phases['kit']:.1f} s")
+        on_cuda, machine = cuda_summary()
+        log(machine)
+        if not on_cuda and (args.gpu or not args.smoke):
+            log("no CUDA device: this check needs a GPU; run `python bench/gpu_check.py --smoke` for the CPU version")
+            return 1
+        use_cuda = on_cuda and (args.gpu or not args.smoke)
+        missing = missing_packages()
+        if missing:
+            log(f"not installed: {', '.join(missing)} (bench/gpu_kit.sh builds a kit of them; --wheels KIT installs it)")
+            if use_cuda:  # fail before the 7B model is built, not minutes later in the children
+                return 1
+        model_dir = Path(args.model_dir).resolve() if args.model_dir else workdir / "model"
         if not enough_disk(model_dir, profile):
             return 1
         phase = time.perf_counter()
-        ensure_model(profile, model_dir, "cuda" if use_cuda else "cpu")
-        log(f"phase build model: {time.perf_counter() - phase:.1f} s ({model_dir})")
+        ensure_model(profile, model_dir, use_cuda)
+        phases["build model"] = time.perf_counter() - phase
+        log(f"phase build model: {phases['build model']:.1f} s ({model_dir})")
+        outcomes = []
         for backend in args.backends:
             log(f"phase {backend}: child starting (timeout {args.timeout} s)")
             outcomes.append(run_backend(backend, model_dir, profile, args, workdir, use_cuda))
+            phases[backend] = outcomes[-1].seconds
             log(f"phase {backend}: {status_of(outcomes[-1])} in {outcomes[-1].seconds:.1f} s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -461,8 +392,25 @@ def run_parent(args) -> int:
     passed, verdict = judge(outcomes, use_cuda)
     for line in verdict:
         print(f"verdict: {line}")
-    print(f"verdict: {'PASS' if passed else 'FAIL'} ({profile.name}, total {time.perf_counter() - begun:.1f} s)")
+    total = time.perf_counter() - begun
+    print(f"verdict: {'PASS' if passed else 'FAIL'} ({profile.name}, total {total:.1f} s)")
+    if args.out:
+        write_outputs(Path(args.out), outcomes, profile, machine, use_cuda, passed, verdict, phases, total)
     return 0 if passed else 1
+
+
+def write_outputs(out: Path, outcomes, profile: Profile, machine: str, use_cuda: bool, passed: bool, verdict: list[str],
+                  phases: dict[str, float], total: float) -> None:
+    """``gpu_check.json`` (every child's result) and ``gpu_check.md`` (the table and verdict) in ``out``."""
+    from fasttune.atomic_io import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"profile": asdict(profile), "machine": machine, "cuda": use_cuda, "passed": passed, "verdict": verdict,
+                "phases_s": {k: round(v, 1) for k, v in phases.items()}, "total_s": round(total, 1),
+                "outcomes": [asdict(o) for o in outcomes]}
+    atomic_write_text(out / "gpu_check.json", json.dumps(document, indent=1) + "\n")
+    atomic_write_text(out / "gpu_check.md", markdown_table(outcomes, profile, use_cuda, machine) + "\n"
+               + "".join(f"- {line}\n" for line in verdict))
 
 
 def parse_args(argv=None):
@@ -471,7 +419,8 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps of 64 tokens")
     parser.add_argument("--gpu", action="store_true",
                         help="with --smoke: the tiny model on the GPU, a quick check of the CUDA paths before the 7B run")
-    parser.add_argument("--wheels", metavar="DIR", help="first pip-install bench/gpu_wheels.txt from DIR (no index)")
+    parser.add_argument("--wheels", metavar="KIT", help="first install the kit bench/gpu_kit.sh built (no index needed)")
+    parser.add_argument("--out", metavar="DIR", help="also write gpu_check.json and gpu_check.md into DIR")
     parser.add_argument("--model-dir", metavar="DIR", help="where the random model is kept (reused when it matches)")
     parser.add_argument("--workdir", metavar="DIR", help="parent folder of the temporary working folder")
     parser.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b], default=list(BACKENDS),

@@ -91,6 +91,16 @@ def print_table(outcomes: list[ChildOutcome], profile, on_cuda: bool) -> None:
             console.print("\n".join(outcome.stderr_tail), markup=False, highlight=False)
 
 
+def markdown_table(outcomes: list[ChildOutcome], profile, on_cuda: bool, machine: str) -> str:
+    """The same rows as ``print_table``, as a Markdown table (for gpu_check.md and the README)."""
+    where = machine if on_cuda else f"{machine}; CPU: tokens/s and memory mean nothing here"
+    lines = [f"GPU check, {profile.name} ({where})", "", "| | " + " | ".join(o.backend for o in outcomes) + " |",
+             "|---|" + "---:|" * len(outcomes)]
+    for label, cells in table_rows(outcomes):
+        lines.append(f"| {label} | " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def judge(outcomes: list[ChildOutcome], on_cuda: bool) -> tuple[bool, list[str]]:
     """``(passed, verdict lines)``. On CUDA an Unsloth that cannot be imported fails the check."""
     passed, lines = True, []

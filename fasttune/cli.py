@@ -198,14 +198,14 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from fasttune.bench.harness import BenchRequest, run_bench
 
-    for name in ("examples", "steps", "warmup"):
+    for name in ("examples", "steps", "warmup", "timeout"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise UserError(Problem(f"--{name}", value, "must be a positive number" if name != "warmup" else "must be 0 or more",
                                     "e.g. --examples 256 --warmup 2"))
     console = _console()
     results = run_bench(BenchRequest(args.recipe, args.examples, args.steps, args.warmup, args.random_init,
-                                     Path(args.out) if args.out else None, list(args.overrides), args.cpu), console)
+                                     Path(args.out) if args.out else None, list(args.overrides), args.cpu, args.timeout), console)
     from fasttune.bench.results import render_table
 
     console.print(render_table(results))
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="the base model's architecture with random weights (no download)")
     p.add_argument("--out", metavar="DIR", help="where results.json, report.md and bench.png go (default bench-results/<recipe>-<time>)")
     p.add_argument("--cpu", action="store_true", help="force the CPU")
+    p.add_argument("--timeout", type=int, default=3600, metavar="S", help="seconds each side may run (default 3600)")
     p.set_defaults(func=cmd_bench)
 
     p = verbs.add_parser("data", help="look at a data source as training will see it")

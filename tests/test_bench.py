@@ -93,3 +93,23 @@ def test_without_packing_both_sides_lose_the_same_on_the_same_batches(tmp_path):
     assert agreement["max_rel_diff"] < 1e-5  # the same pipeline on a CPU: equal to float32 rounding
     losses = [results[side]["losses"] for side in ("fasttune", "vanilla")]
     assert len(losses[0]) == len(losses[1]) == 4
+
+
+def test_random_model_is_reused_rebuilt_or_refused_by_what_built_it(tmp_path):
+    recipe = config.resolve("mistral_qlora")
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 64, "vocab_size": 300}
+    folder = random_model.build_random_model(recipe, tmp_path / "model", force_cpu=True, shapes=tiny)
+    weights = next(folder.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    assert random_model.build_random_model(recipe, folder, force_cpu=True, shapes=tiny) == folder
+    assert weights.stat().st_mtime_ns == stamp, "the same model is reused, not rebuilt"
+    random_model.build_random_model(recipe, folder, force_cpu=True, shapes={**tiny, "intermediate_size": 96})
+    assert json.loads((folder / "config.json").read_text())["intermediate_size"] == 96
+    assert not (tmp_path / "model.partial").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="was not written by fasttune's random-model builder"):
+        random_model.build_random_model(recipe, foreign, force_cpu=True, shapes=tiny)
+    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -56,28 +55,3 @@ def test_smoke_runs_the_unsloth_backend():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result["backend"] == "unsloth", result
     assert result["steps"] == 3 and result["loss_finite"]
-
-
-def test_gpu_wheels_are_pinned_to_the_tested_set():
-    """bench/gpu_wheels.txt pins every wheel, to constraints.txt, pyproject's unsloth extra, or what the venv holds."""
-    def pins(lines):
-        return {canonical(name): pinned for name, _, pinned in (line.split("#")[0].strip().partition("==") for line in lines)
-                if name}
-
-    def canonical(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    wheels = pins((REPO / "bench" / "gpu_wheels.txt").read_text(encoding="utf-8").splitlines())
-    tested = pins((REPO / "constraints.txt").read_text(encoding="utf-8").splitlines())
-    extra = re.search(r"^unsloth = \[(.*)\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.MULTILINE)
-    tested.update(pins(re.findall(r'"([^"]+)"', extra.group(1))))
-    assert {"trl", "peft", "accelerate", "bitsandbytes", "datasets", "unsloth", "unsloth-zoo"} <= wheels.keys()
-    for name, pinned in wheels.items():
-        assert pinned, f"{name} is not pinned with =="
-        if name in tested:
-            assert pinned == tested[name], f"{name}=={pinned}, but the tested set has {tested[name]}"
-            continue
-        try:
-            assert pinned == version(name), f"{name}=={pinned}, but this environment has {version(name)}"
-        except PackageNotFoundError:
-            pytest.fail(f"{name} is neither in constraints.txt nor installed: its version cannot be checked")

@@ -111,8 +111,13 @@ def _run_side(side: str, request: BenchRequest, overrides: list[str], out: Path,
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     log_path = out / f"{side}.log"
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.run([sys.executable, "-m", "fasttune.bench.side", str(spec_path), str(result_path)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env, timeout=request.timeout_s)
+        try:
+            process = subprocess.run([sys.executable, "-m", "fasttune.bench.side", str(spec_path), str(result_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, timeout=request.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise UserError(Problem(f"bench side {side}", f"{request.timeout_s} s", f"did not finish within --timeout (log: {log_path})",
+                                    "give it more time (--timeout), or fewer examples or steps (--examples, --steps)"),
+                            "the bench could not finish") from None
     if process.returncode != 0 or not result_path.is_file():
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
         raise UserError(Problem(f"bench side {side}", process.returncode, f"failed; the last lines of {log_path}:\n{tail}",

@@ -62,28 +62,52 @@ def architecture(recipe) -> dict:
                             f"use one of {', '.join(sorted(BASE_CONFIGS))}, or a local folder with config.json"))
 
 
-def build_random_model(recipe, out_dir: Path, force_cpu: bool = False) -> Path:
-    """Write ``out_dir`` (config, random safetensors in 16-bit, tokenizer); reused when present."""
+SIGNATURE = "random_model.json"
+"""Written beside the weights: what they were built from, so a folder is reused only for the same model."""
+
+
+def build_random_model(recipe, out_dir: Path, force_cpu: bool = False, shapes: dict | None = None) -> Path:
+    """Write ``out_dir`` (config, random safetensors in bfloat16 on CUDA, float32 on the CPU, tokenizer).
+
+    ``shapes`` overrides architecture values (a tiny model of the same family for rehearsals). A
+    folder this function built from the same architecture, shapes and dtype is reused as it is;
+    one it built from anything else is rebuilt; a non-empty folder it did not write is refused.
+    The model is built on the GPU where there is one (seconds for 7B) and written once.
+    """
+    import json
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
-        return out_dir
-    values = architecture(recipe)
+    values = {**architecture(recipe), **(shapes or {})}
+    cuda = torch.cuda.is_available() and not force_cpu
+    dtype = torch.bfloat16 if cuda else torch.float32
+    signature = {"architecture": dict(values), "dtype": str(dtype).removeprefix("torch.")}
+    marker = out_dir / SIGNATURE
+    if marker.is_file():
+        if json.loads(marker.read_text(encoding="utf-8")) == signature:
+            return out_dir
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(Problem("random model folder", str(out_dir), "exists and was not written by fasttune's random-model builder",
+                                "pick an empty or new folder; fasttune never deletes files it did not write"))
     model_type = values.pop("model_type")
     tokenizer = _tokenizer(recipe)
     values["vocab_size"] = max(values.get("vocab_size", 0), len(tokenizer))
     config = AutoConfig.for_model(model_type, **values)
-    cuda = torch.cuda.is_available() and not force_cpu
-    dtype = torch.bfloat16 if cuda else torch.float32
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # transformers' own init (normal, std 0.02)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
-    tokenizer.save_pretrained(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")  # renamed into place when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True, max_shard_size="5GB")
+    tokenizer.save_pretrained(partial)
+    (partial / SIGNATURE).write_text(json.dumps(signature), encoding="utf-8")
     del model
     if cuda:
         torch.cuda.empty_cache()
+    shutil.rmtree(out_dir, ignore_errors=True)  # empty, or an older build of ours (its marker said so)
+    partial.rename(out_dir)
     return out_dir
 
 
@@ -119,4 +143,5 @@ def byte_level_tokenizer(recipe):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=template.end_of_turn,
                                         unk_token="<unk>", additional_special_tokens=[t for t in specials if t not in ("<s>", "<unk>")])
     tokenizer.chat_template = template.source()
+    tokenizer.pad_token = next((t for t in family.pad_candidates if t in specials), "<unk>")
     return tokenizer
