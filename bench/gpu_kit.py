@@ -255,11 +255,14 @@ def install(kit: Path, target: Path, use_pip: bool | None = None) -> list[str]:
     if use_pip:
         command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--no-deps",
                    "--no-compile", "--upgrade", "--target", str(target), *map(str, wheels)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return [wheel.name for wheel in wheels]
+        log(f"pip failed (exit {proc.returncode}): {' | '.join(proc.stderr.strip().splitlines()[-3:])}; unpacking instead")
     else:
         log("pip is not available here: unpacking the wheels into the target")
-        for wheel in wheels:
-            unpack(wheel, target)
+    for wheel in wheels:
+        unpack(wheel, target)
     return [wheel.name for wheel in wheels]
 
 

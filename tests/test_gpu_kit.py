@@ -128,6 +128,15 @@ def test_unpacking_without_pip_lays_out_what_pip_installs(kit, site, tmp_path):
         (site / "bitsandbytes" / "libbitsandbytes_cuda130.so").read_bytes()
 
 
+def test_a_failing_pip_falls_back_to_unpacking(kit, tmp_path, monkeypatch, capsys):
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: something pip-specific\n")
+    monkeypatch.setattr(gpu_kit.subprocess, "run", lambda *args, **kwargs: failed)
+    names = gpu_kit.install(kit, tmp_path / "site", use_pip=True)
+    assert len(names) == len(list(kit.glob("*.whl")))
+    assert (tmp_path / "site" / "trl" / "__init__.py").is_file()
+    assert "pip failed (exit 1): ERROR: something pip-specific; unpacking instead" in capsys.readouterr().out
+
+
 def test_the_kit_covers_fasttunes_dependencies_beside_the_machines_packages():
     """Every dependency fasttune declares is either on the machine (with what it needs) or in the kit."""
     from importlib.metadata import requires
