@@ -89,3 +89,17 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike[str], final_dir: str | os.Path
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def atomic_dir(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new hidden directory beside ``final_dir``; when the block succeeds it replaces
+    ``final_dir`` (:func:`atomic_replace_dir`). If the block raises (a full disk, Ctrl-C), the
+    temporary is removed and ``final_dir`` is left as it was: never a folder that is half there."""
+    tmp = temp_dir_beside(final_dir)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_replace_dir(tmp, final_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +96,32 @@ def _check(section: str, values: dict, cls: type, problems: list[Problem], other
     return out
 
 
-def _construct(section: str, cls: type, kwargs: dict, problems: list[Problem]):
+def _construct(section: str, cls: type, kwargs: dict, problems: list[Problem], given: dict):
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        problems.append(Problem(section, {k: kwargs[k] for k in sorted(kwargs)}, f"{cls.__name__} refused it: {err}",
-                                f"change the {section} keys named in the message"))
+    except (ValueError, TypeError, AttributeError) as err:  # BitsAndBytesConfig looks a dtype name up on torch
+        key = _named_key(str(err), kwargs, given)
+        if key is None:
+            problems.append(Problem(section, sorted(given), f"{cls.__name__} refused these settings: {err}",
+                                    f"change the {section} keys the message names"))
+        else:
+            problems.append(Problem(f"{section}.{key}", kwargs[key], f"{cls.__name__} refused it: {err}",
+                                    f"change {section}.{key} (or the key the message names with it)"))
         return None
+
+
+def _named_key(message: str, kwargs: dict, given: dict) -> str | None:
+    """The key a library's error message is about: the longest key it names, preferring keys the
+    recipe set (so ``lr_scheduler_type`` is reported, not the whole section)."""
+    def found(text: str) -> re.Match | None:
+        return re.search(rf"(?<![A-Za-z0-9_]){re.escape(text)}(?![A-Za-z0-9_])", message)
+
+    named = [k for k in kwargs if found(k)]
+    if named:
+        return max(named, key=lambda k: (k in given, len(k)))
+    # "zigzag is not a valid SchedulerType": the value named first in the message, among those the recipe set.
+    by_value = [(found(v).start(), k) for k, v in kwargs.items() if k in given and isinstance(v, str) and v and found(v)]
+    return min(by_value)[1] if by_value else None
 
 
 def device_settings(recipe: Recipe, plan: MachinePlan) -> dict:
@@ -142,13 +162,13 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> Bound:
 
         train["packing"], reason = packing_decision(recipe, plan)
         plan.notes.append(f"packing {'on' if train['packing'] else 'off'}: {reason}")
-    sft = _construct("train", SFTConfig, train, problems)
+    sft = _construct("train", SFTConfig, train, problems, recipe.train)
 
     lora = None
     if recipe.method in ("qlora", "lora"):
         kwargs = _check("lora", recipe.lora, LoraConfig, problems, others("lora"))
         kwargs.setdefault("task_type", "CAUSAL_LM")
-        lora = _construct("lora", LoraConfig, kwargs, problems)
+        lora = _construct("lora", LoraConfig, kwargs, problems, recipe.lora)
 
     bnb = None
     if recipe.method == "qlora":
@@ -157,7 +177,7 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> Bound:
             # bf16 compute on a GPU without bf16 (or on the CPU) would fail or crawl: follow the plan.
             plan.notes.append(f"quantization.bnb_4bit_compute_dtype {kwargs['bnb_4bit_compute_dtype']} -> {plan.dtype} ({plan.dtype_reason})")
             kwargs["bnb_4bit_compute_dtype"] = plan.dtype
-        bnb = _construct("quantization", BitsAndBytesConfig, kwargs, problems)
+        bnb = _construct("quantization", BitsAndBytesConfig, kwargs, problems, recipe.quantization)
 
     if problems:
         raise UserError(problems, f"recipe {recipe.name!r} does not bind")

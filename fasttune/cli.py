@@ -61,13 +61,19 @@ def cmd_show(args) -> int:
 def cmd_cp(args) -> int:
     from fasttune import config
 
+    from fasttune.atomic_io import atomic_write_text
+    from fasttune.output_paths import file_problem
+
     target = Path(args.path)
-    if target.exists() and not args.force:
+    if target.exists() and not target.is_dir() and not args.force:
         raise UserError(Problem("cp", str(target), "already exists; fasttune never overwrites your files", "pick another path, or add --force"))
+    problem = file_problem(target, "cp", "pick a file path in a folder you can write, e.g. my.yaml")
+    if problem is not None:
+        raise UserError(problem)
     recipe = config.resolve(args.recipe)
     header = f"# Copied from fasttune recipe {args.recipe!r}, fully resolved. Run it: python -m fasttune recipe {target}\n"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(header + _resolved_yaml(recipe), encoding="utf-8")
+    atomic_write_text(target, header + _resolved_yaml(recipe))  # with --force, the old file stays whole until the new one is
     print(f"wrote {target}")
     return 0
 
@@ -80,6 +86,9 @@ def cmd_recipe(args) -> int:
     if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a run folder
         args.overrides.append(args.resume)
         args.resume = ""
+    if args.force and args.resume is None:
+        raise UserError(Problem("--force", True, "only applies with --resume (resume although the recipe changed)",
+                                "drop --force; a new run never overwrites a folder (give another train.output_dir)"))
     recipe = config.resolve(args.recipe, args.overrides)
     console = _console()
     from fasttune import machine
@@ -99,17 +108,30 @@ def cmd_recipe(args) -> int:
     from fasttune.binding import bind
     from fasttune.train.runner import new_run_dir
 
-    resume_from = None
+
+    resume_from, lock = None, None
     if args.resume is not None:
-        from fasttune.train.resume import check_unchanged, find_run_dir, last_checkpoint
+        from fasttune.train.resume import check_unchanged, find_run_dir, last_checkpoint, trained_weights
+
+        from fasttune.run_folder import refuse_if_in_use
 
         run_dir = find_run_dir(recipe, args.resume or None)
+        refuse_if_in_use(run_dir, "--resume")
         for difference in check_unchanged(run_dir, recipe, args.force):
             console.print(f"[yellow]changed[/] {escape(difference)} (resuming anyway: --force)")
-        resume_from = last_checkpoint(run_dir)
-        console.print(f"[bold]resume[/] {escape(str(run_dir))} from {escape(resume_from or 'the start (no checkpoint yet)')}")
+        if trained_weights(run_dir) is not None and not args.dry_run:
+            return _finish_exports(recipe, run_dir, console)
+        if not args.dry_run:
+            lock = _lock(run_dir, console, "--resume")  # before anything in the folder is moved
+            resume_from, notes = last_checkpoint(run_dir)
+            for note in notes:
+                console.print(f"[yellow]set aside[/] {escape(note)}")
+            console.print(f"[bold]resume[/] {escape(str(run_dir))} from {escape(resume_from or 'the start (no complete checkpoint)')}")
     else:
+        from fasttune.run_folder import check_new_run_folder
+
         run_dir = new_run_dir(recipe)
+        check_new_run_folder(run_dir)
     if not args.dry_run:
         run_dir = distributed.agree_on(run_dir)
     bound = bind(recipe, plan, run_dir)
@@ -119,22 +141,100 @@ def cmd_recipe(args) -> int:
         console.print(f"[yellow]note[/] {escape(note)}")
     if args.dry_run:
         return _print_dry_run(recipe, bound, found, args, console)
+    from fasttune.train.resume import TrainingInterrupted
     from fasttune.train.runner import run
 
-    from fasttune.train.resume import TrainingInterrupted
-
+    if lock is None:
+        lock = _lock(run_dir, console, "train.output_dir")
     try:
         session = run(recipe, plan, bound, run_dir, console, resume_from)
     except TrainingInterrupted as stop:
         console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: python -m fasttune recipe "
                       f"{escape(args.recipe)} --resume {escape(str(stop.run_dir))}")
         return 130
-    made = [name for name in ("report.md", "adapter/", "merged/", "gguf/", "metrics.jsonl", "loss.png")
-            if (session.run_dir / name.rstrip("/")).exists()]
-    console.print(f"[bold green]done[/] everything is in {escape(str(session.run_dir))}/ ({', '.join(made)})")
-    if (session.run_dir / "gguf" / "Modelfile").is_file():
-        console.print(f"    run it with Ollama: ollama create {escape(recipe.name)} -f {escape(str(session.run_dir / 'gguf' / 'Modelfile'))}")
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped[/] before the run finished; everything written so far is whole\n    resume: "
+                      f"python -m fasttune recipe {escape(args.recipe)} --resume {escape(str(run_dir))}")
+        return 130
+    finally:
+        if lock is not None:
+            lock.release()
+    _print_done(recipe, session.run_dir, console)
     return 0
+
+
+def _lock(run_dir: Path, console, key: str):
+    """Rank 0 holds the run folder for this process (RunFolderLock); other ranks hold nothing."""
+    from rich.markup import escape
+
+    from fasttune.run_folder import RunFolderLock
+    from fasttune.train import distributed
+
+    if not distributed.is_main():
+        return None
+    lock = RunFolderLock(run_dir, key).acquire()
+    if lock.note:
+        console.print(f"[yellow]lock[/] {escape(lock.note)}")
+    return lock
+
+
+def _finish_exports(recipe, run_dir: Path, console) -> int:
+    """``--resume`` of a run whose training finished: redo only the exports that are missing."""
+    from rich.markup import escape
+
+    from fasttune.export.exporter import ExportRequest
+    from fasttune.run_folder import RunFolderLock
+    from fasttune.train.resume import missing_exports, terminate_raises_interrupt
+    from fasttune.train.runner import export
+
+    merged, gguf = missing_exports(run_dir, recipe)
+    if recipe.method == "full" or not (merged or gguf):
+        console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished and every output is there; nothing to do")
+        _print_done(recipe, run_dir, console)
+        return 0
+    console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished; redoing the export only "
+                  f"({', '.join((['merged/'] if merged else []) + [f'gguf {t}' for t in gguf])})")
+    request = ExportRequest(merged=merged, gguf=gguf, save_dtype=_run_dtype(run_dir))
+    with RunFolderLock(run_dir, "--resume") as lock, terminate_raises_interrupt():
+        if lock.note:
+            console.print(f"[yellow]lock[/] {escape(lock.note)}")
+        try:
+            export(run_dir, recipe, request, console)
+            _rewrite_report(run_dir)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]stopped[/] during the export; what was written so far is whole\n    resume: "
+                          f"python -m fasttune recipe {escape(str(run_dir / 'config.yaml'))} --resume {escape(str(run_dir))}")
+            return 130
+    _print_done(recipe, run_dir, console)
+    return 0
+
+
+def _rewrite_report(run_dir: Path) -> None:
+    """report.md again, from the run's summary.json, now listing the exports too."""
+    import json
+
+    from fasttune.report import write_report
+    from fasttune.run_folder import SUMMARY
+
+    write_report(run_dir, json.loads((run_dir / SUMMARY).read_text(encoding="utf-8")))
+
+
+def _run_dtype(run_dir: Path) -> str:
+    """The dtype a merged model is saved in: the run's own 16-bit dtype, bfloat16 for a float32 run."""
+    from fasttune.train.resume import saved_config
+
+    dtype = (saved_config(run_dir).get("machine") or {}).get("dtype")
+    return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
+
+
+def _print_done(recipe, run_dir: Path, console) -> None:
+    from rich.markup import escape
+
+    made = [name for name in ("report.md", "adapter/", "model/", "merged/", "gguf/", "metrics.jsonl", "loss.png")
+            if (run_dir / name.rstrip("/")).exists()]
+    console.print(f"[bold green]done[/] everything is in {escape(str(run_dir))}/ ({', '.join(made)})")
+    if (run_dir / "gguf" / "Modelfile").is_file():
+        console.print(f"    run it with Ollama: ollama create {escape(recipe.name)} -f {escape(str(run_dir / 'gguf' / 'Modelfile'))}")
 
 
 def _print_dry_run(recipe, bound, found, args, console) -> int:
@@ -162,11 +262,10 @@ def _print_dry_run(recipe, bound, found, args, console) -> int:
 
 
 def cmd_export(args) -> int:
-    import yaml
     from rich.markup import escape
 
     from fasttune import config
-    from fasttune.export.exporter import ExportRequest, export_run, request_from_recipe
+    from fasttune.export.exporter import ExportRequest, request_from_recipe
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -176,18 +275,27 @@ def cmd_export(args) -> int:
     unknown = [t for t in types if t not in config.GGUF_TYPES]
     if unknown or (args.gguf is not None and not types):
         raise UserError(Problem("--gguf", args.gguf, f"takes a comma list of {', '.join(config.GGUF_TYPES)}",
-                                config._suggest(unknown[0], config.GGUF_TYPES) if unknown else "e.g. --gguf q8_0,q4_k_m"))
+                                (config._suggest(unknown[0], config.GGUF_TYPES) if unknown else "") or "e.g. --gguf q8_0,q4_k_m"))
     recipe = config.resolve(str(run_dir / "config.yaml"))
     if args.adapter or args.merged or types:
         request = ExportRequest(adapter=args.adapter, merged=args.merged, gguf=types)
     else:  # nothing asked: what the recipe's export section says
         request = request_from_recipe(recipe)
     request.out = Path(args.out) if args.out else None
-    dtype = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("machine") or {}).get("dtype")
-    if dtype in ("bfloat16", "float16"):
-        request.save_dtype = dtype
+    request.save_dtype = _run_dtype(run_dir)
     console = _console()
-    written = export_run(run_dir, recipe, request, console)
+    from fasttune.run_folder import RunFolderLock
+    from fasttune.train.resume import terminate_raises_interrupt
+    from fasttune.train.runner import export
+
+    # The run folder is held while it is read (a run still training there is refused), and SIGTERM
+    # stops like Ctrl-C, so the writers remove their temporaries.
+    with RunFolderLock(run_dir, "RUN_DIR"), terminate_raises_interrupt():
+        try:
+            written = export(run_dir, recipe, request, console)
+        except KeyboardInterrupt:
+            console.print("[yellow]stopped[/] during the export; what was written so far is whole (run the same command again)")
+            return 130
     for path in written:
         console.print(f"[green]wrote[/] {escape(str(path))}")
     if not written:
@@ -323,3 +431,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fasttune: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # not the user's mistake (those are UserErrors): fasttune's own, or the machine's
+        return _internal_error(err, sys.argv[1:] if argv is None else argv)
+
+
+def _internal_error(err: Exception, argv: list[str]) -> int:
+    """One line on stderr, the traceback in a file (written whole, by rename), exit 1."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    from fasttune.atomic_io import atomic_write_text
+
+    text = "".join(traceback.format_exception(err))
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    try:
+        folder = Path(tempfile.gettempdir()) / "fasttune-errors"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = atomic_write_text(folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt",
+                                 f"python -m fasttune {' '.join(argv)}\n\n{text}")
+    except OSError:  # nowhere to keep it: show it rather than lose it
+        print(text, file=sys.stderr, end="")
+        path = "the lines above"
+    print(f"fasttune: internal error: {type(err).__name__}: {first}; the full traceback is in {path}", file=sys.stderr)
+    return 1

@@ -161,6 +161,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                                     "write it as SECTION.KEY=VALUE"))
             continue
         parts = key.split(".")
+        if not all(part.strip() for part in parts):
+            problems.append(Problem("override", item, "a dotted key has an empty part", "write it as SECTION.KEY=VALUE, e.g. train.learning_rate=1e-4"))
+            continue
         target = out
         for part in parts[:-1]:
             nested = target.get(part)
@@ -222,6 +225,39 @@ def _data_problems(data: DataSection) -> list[Problem]:
     return problems
 
 
+def _eval_data_problems(data: DataSection, train: dict) -> list[Problem]:
+    """transformers' Trainer refuses an eval_strategy without held-out rows, but only once it is built
+    (after the weights load): say so here, with the keys that give it rows."""
+    from fasttune.data.sources import BUILTIN_PREFIX, source_paths
+
+    strategy = train.get("eval_strategy")
+    if strategy not in ("steps", "epoch"):  # "no", or a value SFTConfig refuses itself when the recipe binds
+        return []
+    builtin = any(p.startswith(BUILTIN_PREFIX) for p in source_paths(data.path))
+    if not builtin and (data.eval_rows == 0 or not (data.eval_path or data.eval_fraction > 0)):
+        why = "data.eval_rows is 0" if data.eval_rows == 0 else "neither data.eval_path nor data.eval_fraction is set"
+        return [Problem("train.eval_strategy", strategy, f"evaluates held-out rows, but there are none ({why})",
+                        "set data.eval_fraction=0.05 or data.eval_path=<file>, or train.eval_strategy=no")]
+    return []
+
+
+def _place_problems(model: ModelSection, library: dict[str, dict]) -> list[Problem]:
+    """A local model path that is not what it claims, and a train.output_dir that cannot be written
+    (both read from disk, torch-free)."""
+    from fasttune.model.local_model import local_model_problems
+    from fasttune.output_paths import folder_problem
+
+    problems = local_model_problems(model.name, library["lora"].get("target_modules")) if model.name else []
+    output_dir = library["train"].get("output_dir")
+    if isinstance(output_dir, str) and output_dir:
+        found = folder_problem(output_dir, "train.output_dir", "point train.output_dir at a folder you can write, or leave it out "
+                                                               "for runs/<recipe>-<time>")
+        problems += [found] if found else []
+    elif output_dir is not None and not isinstance(output_dir, str):
+        problems.append(Problem("train.output_dir", output_dir, "must be a folder path", "e.g. train.output_dir=runs/my-run"))
+    return problems
+
+
 def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read, merge, override and check a recipe; all problems are raised together."""
     source = recipes.load_merged(name_or_path)
@@ -232,7 +268,8 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     for key in raw:
         if key not in known:
             hint = _suggest(key, known)
-            problems.append(Problem(key, raw[key], f"is not a recipe key (sections: {', '.join((*OWNED_SECTIONS, *LIBRARY_SECTIONS))})",
+            shown = sorted(map(str, raw[key])) if isinstance(raw[key], dict) else raw[key]  # a section's keys, not its contents
+            problems.append(Problem(key, shown, f"is not a recipe key (sections: {', '.join((*OWNED_SECTIONS, *LIBRARY_SECTIONS))})",
                                     hint or "remove it"))
 
     family = raw.get("family")
@@ -284,14 +321,20 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     if method == "qlora":
         library["quantization"] = {**QLORA_DEFAULTS, **library["quantization"]}
     elif method in METHODS and library["quantization"]:
-        problems.append(Problem("quantization", library["quantization"], f"applies to method qlora only (this recipe is {method})",
+        problems.append(Problem("quantization", sorted(library["quantization"]), f"applies to method qlora only (this recipe is {method})",
                                 "remove the quantization section, or set method=qlora"))
     if method == "full" and library["lora"]:
-        problems.append(Problem("lora", library["lora"], "applies to methods qlora and lora (this recipe is full)",
+        problems.append(Problem("lora", sorted(library["lora"]), "applies to methods qlora and lora (this recipe is full)",
                                 "remove the lora section, or set method=lora"))
+    from fasttune.value_rules import value_problems
+
+    problems.extend(value_problems({**library, "eval": dataclasses.asdict(sections["eval"])}))
+    problems.extend(_eval_data_problems(data, library["train"]))
+    problems.extend(_place_problems(model, library))
 
     if problems:
-        raise UserError(problems, f"recipe {source.name!r} is not valid")
+        named = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else source.name  # a run's config.yaml
+        raise UserError(problems, f"recipe {named!r} is not valid")
     return Recipe(
         name=str(raw.get("name") or source.name),
         description=str(raw.get("description") or ""),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from importlib import metadata
 from pathlib import Path
 
@@ -33,15 +32,21 @@ def _installed(name: str) -> str | None:
 
 
 def _free_gb(folder: Path) -> float:
-    probe = folder.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free / 2**30
+    from fasttune.disk import free_bytes
+
+    return free_bytes(folder) / 2**30
 
 
 def doctor(output_dir: Path, console) -> int:
     from rich.markup import escape
     from rich.table import Table
+
+    from fasttune.errors import UserError
+    from fasttune.output_paths import folder_problem
+
+    problem = folder_problem(output_dir, "--output-dir", "give the folder runs are written to (default: runs), one you can write")
+    if problem is not None:  # the disk check below would answer for a place no run can be written
+        raise UserError(problem)
 
     problems: list[tuple[str, str]] = []
     pins = tested_versions()

@@ -33,10 +33,13 @@ def _source_offline_safe(recipe: Recipe, report: DryRunReport) -> str | None:
         if folder.is_dir():
             return str(folder)
         report.not_checked.append(f"model {name}: converted from GGUF on the first real run (a dry run reads no weights); "
-                                  "tokenizer, template and parameter count were not checked")
+                                  "tokenizer, template, LoRA target modules and parameter count were not checked")
         return None
     if is_local(name):
         return resolve_model_source(name)
+    from fasttune import hub
+
+    hub.use_cache_if_unreachable()
     try:
         from huggingface_hub import snapshot_download
 
@@ -44,8 +47,9 @@ def _source_offline_safe(recipe: Recipe, report: DryRunReport) -> str | None:
         return snapshot_download(recipe.model.name, revision=recipe.model.revision,
                                  allow_patterns=["config.json", "tokenizer*", "special_tokens_map.json", "*.model", "*.tiktoken"])
     except Exception as err:  # offline, gated, or not cached: the hub's error types vary
-        report.not_checked.append(f"model {recipe.model.name}: config and tokenizer not reachable ({type(err).__name__}); "
-                                  "tokenizer, template and parameter count were not checked")
+        offline = f"; {hub.offline_reason()} and they are not cached" if hub.offline_reason() else ""
+        report.not_checked.append(f"model {recipe.model.name}: config and tokenizer not reachable ({type(err).__name__}{offline}); "
+                                  "tokenizer, template, LoRA target modules and parameter count were not checked")
         return None
 
 
@@ -63,6 +67,10 @@ def dry_run(recipe: Recipe, bound: Bound) -> DryRunReport:
         for source_report in (data.report, data.eval_report):
             if source_report is not None:
                 report.checked.extend(source_report.lines())
+        if data.train:
+            from fasttune.data.tokenize import MaskRules, check_rules, row_shape
+
+            check_rules(row_shape(data.train[0]), MaskRules.from_sft(bound.sft))  # what SFTTrainer would refuse
     except SourceUnavailable as err:
         report.not_checked.append(f"data: {err}")
 
@@ -99,7 +107,18 @@ def count_parameters_without_weights(source: str, recipe: Recipe, bound: Bound) 
     if bound.lora is not None:
         from peft import get_peft_model
 
+        _check_targets(model, recipe)
         model = get_peft_model(model, bound.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def _check_targets(model, recipe: Recipe) -> None:
+    """Every LoRA target names modules of the architecture (PEFT refuses none matching only after
+    the weights load, and silently skips a target that matches nothing while others do)."""
+    from fasttune.model.local_model import model_target_problem
+
+    problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)
+    if problem is not None:
+        raise UserError(problem)

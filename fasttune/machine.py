@@ -84,6 +84,14 @@ def plan(recipe: Recipe, found: MachineFacts, force_cpu: bool = False) -> Machin
         for loss in fast_path_losses(lora.get("target_modules"), lora.get("lora_dropout", 0.0), lora.get("bias", "none"), dtype):
             notes.append(f"Unsloth's fused fast path will be skipped: {loss}")
 
+    runs_here = on_gpu or force_cpu or not recipe.needs_gpu  # a GPU recipe on a CPU machine stops before loading anyway
+    if recipe.model.attn_implementation == "flash_attention_2" and backend == "hf" and runs_here:
+        # transformers refuses it only when the weights load: without CUDA, or without the flash-attn package.
+        missing = "no CUDA device is in use" if not on_gpu else (
+            "the flash-attn package is not installed" if importlib.util.find_spec("flash_attn") is None else "")
+        if missing:
+            raise UserError(Problem("model.attn_implementation", "flash_attention_2", f"cannot run here: {missing}",
+                                    "use model.attn_implementation=sdpa (the default), or pip install flash-attn on a CUDA machine"))
     if on_gpu and recipe.gpu_memory_gb and found.gpu_memory_gb and found.gpu_memory_gb < recipe.gpu_memory_gb:
         notes.append(f"this recipe is sized for {recipe.gpu_memory_gb} GB; {found.device_name} has {found.gpu_memory_gb} GB: "
                      "lower train.per_device_train_batch_size or train.max_length if it runs out of memory")

@@ -36,12 +36,19 @@ class RecipeSource:
 
 
 def _read_yaml(path: Path) -> dict:
+    text = read_text(path, "recipe file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(Problem(str(path), None, "nests mappings or lists deeper than a YAML reader can follow",
+                                "a recipe is a few sections of keys: start from `python -m fasttune cp demo my.yaml`")) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(Problem(f"{path}{line}", None, f"is not valid YAML ({getattr(err, 'problem', err)})",
+        if mark is not None:
+            line, problem = mark.line + 1, getattr(err, "problem", err)
+        else:  # a character YAML refuses (a control character: a binary file), found by position
+            line, problem = text[:getattr(err, "position", 0)].count("\n") + 1, getattr(err, "reason", err)
+        raise UserError(Problem(f"{path} line {line}", None, f"is not valid YAML ({problem})",
                                 "fix the YAML syntax at that line")) from None
     if not isinstance(data, dict):
         raise UserError(Problem(str(path), type(data).__name__, "a recipe file must hold a mapping of sections",
@@ -49,12 +56,28 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def read_text(path: Path, what: str) -> str:
+    """A text file's contents; a file that is not UTF-8 (or is binary) is a UserError naming where."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(Problem(str(path), None, f"the {what} cannot be read ({err.strerror})", "check the path and its permissions")) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        binary = b"\x00" in data[:8192]
+        raise UserError(Problem(f"{path} line {line}", f"byte 0x{data[err.start]:02x}",
+                                f"the {what} is {'a binary file, not text' if binary else 'not UTF-8 text'}",
+                                f"give a YAML text file{'' if binary else ' (save it as UTF-8)'}")) from None
+
+
 def find(name_or_path: str) -> RecipeSource:
     """Look up a named recipe, or read a recipe file (anything ending in .yaml/.yml or existing)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         if not candidate.is_file():
-            raise UserError(Problem("recipe file", name_or_path, "no such file",
+            raise UserError(Problem("recipe file", name_or_path, "is a folder, not a recipe file" if candidate.is_dir() else "no such file",
                                     "check the path, or run `python -m fasttune recipes` for named recipes"))
         return RecipeSource(candidate.stem, candidate, _read_yaml(candidate))
     path = builtin_dir() / f"{name_or_path}.yaml"
@@ -73,10 +96,14 @@ def load_merged(name_or_path: str, _seen: tuple[str, ...] = ()) -> RecipeSource:
     parent_name = source.raw.get("extends")
     if parent_name is None:
         return source
-    if parent_name in _seen or parent_name == source.name:
+    seen = (*_seen, str(source.path.resolve()))  # by file: a chain may name recipes or paths
+    if not isinstance(parent_name, str) or not parent_name:
+        raise UserError(Problem(f"{source.path}: extends", parent_name, "must name one recipe (a name or a .yaml file)",
+                                "e.g. `extends: demo`"))
+    if parent_name == source.name or str(find(parent_name).path.resolve()) in seen:
         raise UserError(Problem(f"{source.path}: extends", parent_name, "recipes may not extend themselves in a cycle",
                                 "point `extends` at a recipe that does not lead back here"))
-    parent = load_merged(str(parent_name), (*_seen, source.name))
+    parent = load_merged(parent_name, seen)
     merged = deep_merge(parent.raw, {k: v for k, v in source.raw.items() if k != "extends"})
     return RecipeSource(source.name, source.path, merged)
 

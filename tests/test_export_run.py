@@ -83,7 +83,7 @@ def test_a_short_disk_is_refused_before_anything_is_written(run, tmp_path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 1000))
     recipe = config.resolve(str(run / "config.yaml"))
     request = exporter.ExportRequest(merged=True, gguf=["q8_0"], out=tmp_path / "out")
-    with pytest.raises(UserError, match=r"needs about .* GiB free for the export; 0.0 GiB are free"):
+    with pytest.raises(UserError, match=r"needs about .* MiB free for the export; 1.0 KiB are free \(.* MiB short\)"):
         exporter.export_run(run, recipe, request, console=None)
     assert not (tmp_path / "out").exists()
 

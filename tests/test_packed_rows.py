@@ -1,6 +1,10 @@
 """Packed rows kept apart (SDPA/eager) compute exactly what TRL's one flattened row computes."""
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -59,3 +63,74 @@ def test_the_meter_does_not_count_row_end_padding_as_real_tokens():
     meter.training = True
     meter.hook(None, (), batch)
     assert meter._batch[1:] == [16 + 15 + 7, 3 * 16]
+
+
+# --- TRL's packing warning, silenced only where fasttune keeps the rows apart ------------------
+
+def trl_warned(caplog) -> bool:
+    from fasttune.train.packed_rows import CROSS_CONTAMINATION
+
+    return any(CROSS_CONTAMINATION in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("packing, strategy, attention, silenced", [
+    (True, "bfd", "sdpa", True), (True, "bfd", "eager", True),
+    (True, "bfd", "flex_attention", False),  # not an attention fasttune keeps packed rows apart for
+    (True, "wrapped", "sdpa", False),  # not padding-free: no PackedRowsApart
+    (False, "bfd", "sdpa", False),
+])
+def test_the_filter_drops_only_trls_message_and_only_where_rows_are_kept_apart(caplog, packing, strategy, attention, silenced):
+    from fasttune.train.packed_rows import CROSS_CONTAMINATION, TRL_LOGGER, packing_made_safe, quiet_cross_contamination_warning
+
+    args = SimpleNamespace(packing=packing, packing_strategy=strategy, padding_free=False)
+    assert packing_made_safe(args, attention) is silenced
+    trl_logger = logging.getLogger(TRL_LOGGER)
+    with caplog.at_level(logging.WARNING), quiet_cross_contamination_warning(args, attention):
+        trl_logger.warning(f"[RANK 0] You are using packing ... {CROSS_CONTAMINATION}. To avoid this, ...")
+        trl_logger.warning("[RANK 0] another TRL warning")
+    assert trl_warned(caplog) is not silenced
+    assert any("another TRL warning" in record.getMessage() for record in caplog.records)
+    assert not trl_logger.filters, "the filter is removed when the trainer is built"
+
+
+def test_a_packed_run_no_longer_shows_trls_cross_contamination_warning(tmp_path, caplog):
+    """runner.setup on a packed SDPA run: no TRL cross-contamination text, PackedRowsApart installed;
+    the same SFTTrainer built without fasttune's filter (as TRL's users build it) still warns."""
+    from datasets import Dataset
+    from rich.console import Console
+    from trl import SFTTrainer
+
+    from fasttune import config, machine
+    from fasttune.binding import bind
+    from fasttune.train import runner
+    from fasttune.train.packed_rows import quiet_cross_contamination_warning
+    from fixtures.tiny_models import write_chat_jsonl
+
+    folder = build_tiny_model("llama", load_tokenizer("llama3"), tmp_path / "m")
+    data = tmp_path / "chat.jsonl"
+    write_chat_jsonl(data, 8)
+    recipe = config.resolve("llama3_qlora", [f"model.name={folder}", f"data.path={data}", "data.eval_fraction=0",
+                                             "train.per_device_train_batch_size=4", "train.max_length=512", "train.max_steps=1",
+                                             "train.eval_strategy=no", "train.save_strategy=no", "train.warmup_steps=0"])
+    plan = machine.plan(recipe, machine.MachineFacts(False, "CPU", None, False, "test", False), force_cpu=True)
+    bound = bind(recipe, plan, tmp_path / "run")
+    assert bound.sft.packing and plan.attention == "sdpa"
+    console = Console(record=True, width=200)
+    with caplog.at_level(logging.WARNING):
+        session = runner.setup(recipe, plan, bound, tmp_path / "run", console)
+    assert isinstance(session.trainer.data_collator, PackedRowsApart)
+    assert not trl_warned(caplog)
+    assert "so packed rows never attend to each other" in console.export_text()  # fasttune's own note stays
+
+    def build():
+        return SFTTrainer(model=session.trainer.model, args=bound.sft, train_dataset=Dataset.from_list(session.data.train),
+                          processing_class=session.tokenizer)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build()
+    assert trl_warned(caplog), "TRL no longer says this: CROSS_CONTAMINATION needs updating"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), quiet_cross_contamination_warning(bound.sft, "flex_attention"):
+        build()  # an attention fasttune does not keep packed rows apart for: unaffected
+    assert trl_warned(caplog)

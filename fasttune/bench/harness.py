@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,9 +61,17 @@ def run_bench(request: BenchRequest, console) -> dict:
     if recipe.method not in ("lora", "qlora"):
         raise UserError(Problem("method", recipe.method, "the bench compares LoRA/QLoRA against vanilla PEFT", "bench a lora or qlora recipe"))
     examples = examples_to_train(recipe, request)
+    from fasttune.model.source import is_local
+
+    if not is_local(recipe.model.name):
+        from fasttune import hub
+
+        hub.use_cache_if_unreachable()  # asked once here; both sides inherit the answer (HF_HUB_OFFLINE=1)
     out = Path(request.out or Path("bench-results") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     overrides = [*request.overrides, *BENCH_OVERRIDES, f"data.max_rows={examples}"]
+    check_recipe(request, overrides)
+    out.mkdir(parents=True, exist_ok=True)
     if request.random_init:
         from fasttune.bench.random_model import build_random_model
 
@@ -82,6 +91,50 @@ def run_bench(request: BenchRequest, console) -> dict:
     results = write_results(out, documents["fasttune"], documents["vanilla"], command)
     results["out"] = str(out)
     return results
+
+
+def outputs() -> tuple[str, ...]:
+    """What a bench writes into its --out folder (random-model/ aside: its builder reuses or refuses it)."""
+    from fasttune.bench.results import PLOT_FILE, REPORT_FILE, RESULTS_FILE
+
+    return (RESULTS_FILE, REPORT_FILE, PLOT_FILE, "work", *(f"{side}{ext}" for side in ("vanilla", "fasttune")
+                                                             for ext in (".json", ".log", ".spec.json")))
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written, or that holds a bench's outputs already (an earlier
+    bench's measurements, or files of the user's with those names): a bench never replaces them."""
+    from fasttune.output_paths import folder_problem
+
+    problem = folder_problem(out, "--out", "give --out a folder you can write")
+    if problem is not None:
+        raise UserError(problem, "cannot bench into that folder")
+    found = [name for name in outputs() if (out / name).exists()]
+    if found:
+        raise UserError(Problem("--out", str(out), f"already holds {', '.join(found)}, which this bench did not write",
+                                "give another --out (the default is a new bench-results/<recipe>-<time>), or move or "
+                                "remove them yourself"), "cannot bench into that folder")
+
+
+def check_recipe(request: BenchRequest, overrides: list[str]) -> None:
+    """What both sides will check, checked once here, before any side starts or anything is written:
+    the recipe with the bench's settings binds (SFTConfig, LoraConfig, BitsAndBytesConfig), its data
+    reads, and a --random-init model has an architecture. A mistake is then one message, not a child's failure."""
+    import tempfile
+
+    from fasttune import config, machine
+    from fasttune.binding import bind
+    from fasttune.data.prepare import prepare
+
+    recipe = config.resolve(request.recipe, overrides)
+    plan = machine.plan(recipe, machine.facts(), force_cpu=request.force_cpu)
+    with tempfile.TemporaryDirectory() as tmp:
+        bind(recipe, plan, Path(tmp))
+    if request.random_init:
+        from fasttune.bench.random_model import architecture
+
+        architecture(recipe)
+    prepare(recipe)
 
 
 def packed_batch(recipe, overrides: list[str], vanilla: dict, request: BenchRequest) -> list[str]:
@@ -119,7 +172,24 @@ def _run_side(side: str, request: BenchRequest, overrides: list[str], out: Path,
                                     "give it more time (--timeout), or fewer examples or steps (--examples, --steps)"),
                             "the bench could not finish") from None
     if process.returncode != 0 or not result_path.is_file():
-        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-        raise UserError(Problem(f"bench side {side}", process.returncode, f"failed; the last lines of {log_path}:\n{tail}",
-                                "fix what the log names (the other side's results are kept)"), "the bench could not finish")
+        last = last_error(log_path.read_text(encoding="utf-8", errors="replace"))
+        raise UserError(Problem(f"bench side {side}", process.returncode, f"failed: {last} (the whole log: {log_path})",
+                                "fix what the message names, then run the bench again with another --out"),
+                        f"the bench could not finish: its {side} side failed")
     return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Unavailable)\b(?::|$)")
+
+
+def last_error(log: str) -> str:
+    """The child's own message, not its traceback: a ``fasttune:`` refusal as the CLI gives it (its
+    problems on one line), else the last ``SomeError: ...`` line, else the last line of the log."""
+    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("fasttune: "):
+            return " ".join(part.strip() for part in lines[index:])[len("fasttune: "):][:1000]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line.strip()):
+            return line.strip()[:500]
+    return lines[-1].strip()[:500] if lines else "it wrote nothing to its log"

@@ -203,7 +203,13 @@ def main(argv: list[str]) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     if spec.get("side") not in SIDES:
         raise SystemExit(f"side must be one of {SIDES}")
-    document = run_side(spec)
+    from fasttune.errors import EXIT_USER_ERROR, SourceUnavailable, UserError
+
+    try:
+        document = run_side(spec)
+    except (UserError, SourceUnavailable) as err:  # the message as the CLI gives it: the harness reports this line
+        print(f"fasttune: {err.render() if isinstance(err, UserError) else err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from fasttune.atomic_io import atomic_write_text
 
     atomic_write_text(out_path, json.dumps(document, indent=1))

@@ -81,8 +81,9 @@ def inspect_data(recipe: Recipe, count: int = 3) -> dict:
         examples.append({"input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
                          "trained_text": tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE]),
                          "pieces": _pieces(ids, labels, tokenizer)})
+    notes = [note for report_ in (data.report, data.eval_report) if report_ is not None for note in report_.notes]
     return {"format": data.format, "shape": tokenized.shape, "rows": len(data.train), "eval_rows": len(data.eval),
-            "source": data.source, "tokenizer": tokenizer_source(recipe), "stats": stats, "examples": examples}
+            "source": data.source, "tokenizer": tokenizer_source(recipe), "notes": notes, "stats": stats, "examples": examples}
 
 
 def _pieces(ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:
@@ -122,6 +123,8 @@ def render(document: dict, console) -> None:
     stats = document["stats"]
     console.print(f"[bold]data[/] {escape(document['source'])}: {document['rows']} train rows ({document['format']}, TRL shape "
                   f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
+    for note in document.get("notes", []):
+        console.print(f"[yellow]note[/] {escape(note)}")
     print_stats(stats, console)
     for i, example in enumerate(document["examples"]):
         legend = "[bold green]trained[/], [dim]context[/]" if console.is_terminal else "⟦trained⟧, context"

@@ -45,7 +45,7 @@ def prepare(recipe: Recipe) -> PreparedData:
     eval_report = None
     if data.eval_path:
         # eval_path wins over eval_fraction: a held-out file is the more deliberate choice.
-        eval_rows, eval_report = read_rows(source_paths(data.eval_path), data, fmt=report.format)
+        eval_rows, eval_report = read_rows(source_paths(data.eval_path), data, fmt=report.format, key="data.eval_path")
     elif data.eval_fraction > 0:
         order = list(range(len(rows)))
         random.Random(data.seed).shuffle(order)
@@ -54,18 +54,22 @@ def prepare(recipe: Recipe) -> PreparedData:
         rows = [row for i, row in enumerate(rows) if i not in held_out]
     else:
         eval_rows = []
-    if data.max_rows:
+    if data.max_rows and len(rows) > data.max_rows:
+        report.notes.append(f"data.max_rows={data.max_rows}: using {data.max_rows} of {len(rows)} rows")
         rows = rows[: data.max_rows]
-    if data.eval_rows is not None:
+    if data.eval_rows is not None and len(eval_rows) > data.eval_rows:
+        (eval_report or report).notes.append(f"data.eval_rows={data.eval_rows}: using {data.eval_rows} of {len(eval_rows)} eval rows")
         eval_rows = eval_rows[: data.eval_rows]
     return PreparedData(rows, eval_rows, report.format, ", ".join(paths), report, eval_report)
 
 
-def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = None) -> tuple[list[dict], DataReport]:
+def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = None,
+              key: str = "data.path") -> tuple[list[dict], DataReport]:
     """Every usable row of ``paths`` in TRL's shape, and what happened to the others.
 
     ``fmt`` forces a shape (the train data's, for eval_path); else ``data.format``, where
-    ``auto`` detects it per source and requires the sources to agree.
+    ``auto`` detects it per source and requires the sources to agree. ``key`` is the recipe key
+    that named ``paths`` (``data.path`` or ``data.eval_path``), for the messages.
     """
     templates = {}
     if data.mapping:
@@ -77,9 +81,9 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
     shapes: dict[str, str] = {}
     out: list[dict] = []
     for path in paths:
-        rows = load_source(path, data.split)
+        rows = load_source(path, data.split, key)
         if not rows:
-            raise UserError(Problem("data.path", path, "holds no rows", "point data.path at a file with examples"))
+            raise UserError(Problem(key, path, "holds no rows", f"point {key} at a file with examples"))
         if templates:
             check_columns(templates, _columns(rows), path)
         shape = forced or detect(output_columns(templates) if templates else rows[0], f"{path} row 1 columns")
@@ -94,7 +98,7 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
                 report.drop(bad.kind, report.rows_read, bad.fix)
     if len(set(shapes.values())) > 1:
         found = ", ".join(f"{path} is {shape}" for path, shape in shapes.items())
-        raise UserError(Problem("data.path", list(shapes), f"sources must share one row shape ({found})",
+        raise UserError(Problem(key, list(shapes), f"sources must share one row shape ({found})",
                                 "convert them to one shape, or set data.format to the shape they can all be read as"))
     report.format = next(iter(shapes.values()))
     report.apply_policy(data.on_bad_row)

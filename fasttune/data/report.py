@@ -41,6 +41,8 @@ class DataReport:
     """Kind → what the user can do about it."""
     files: list[tuple[str, int]] = field(default_factory=list)
     """(source, number of its first row) for each source, in order."""
+    notes: list[str] = field(default_factory=list)
+    """What else the user should know about these rows (``data.max_rows`` leaving some out)."""
 
     def add_file(self, name: str) -> None:
         self.files.append((name, self.rows_read + 1))
@@ -73,9 +75,9 @@ class DataReport:
         return tuple(self.locate(r) for r in rows)
 
     def lines(self) -> list[str]:
-        """One line per kind of dropped row, for a run's log."""
-        return [f"{self.source}: skipped {p.value} row{'s' if p.value != 1 else ''}: {p.rule} (first: {', '.join(p.rows)})"
-                for p in self.problems()]
+        """One line per kind of dropped row, then the notes, for a run's log."""
+        return [*(f"{self.source}: skipped {p.value} row{'s' if p.value != 1 else ''}: {p.rule} (first: {', '.join(p.rows)})"
+                  for p in self.problems()), *(f"{self.source}: {note}" for note in self.notes)]
 
     def apply_policy(self, on_bad_row: typing.Literal["error", "skip"]) -> None:
         """``UserError`` listing every kind of bad row (``error``), or when ``skip`` left nothing."""

@@ -7,13 +7,14 @@ will take, and a shortfall is named.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.markup import escape
 
-from fasttune.atomic_io import atomic_replace_dir, temp_dir_beside
+from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
 
@@ -21,6 +22,8 @@ from fasttune.errors import Problem, UserError
 # mixes keep a few tensors at higher precision, so they are rounded up.
 BITS_PER_WEIGHT = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0, "q5_k_m": 5.8, "q6_k": 6.6}
 HEADROOM = 1.05
+MANIFEST = "fasttune-export.json"
+"""Written into an --out folder other than the run's: the run exported there and the outputs written."""
 
 
 @dataclass
@@ -49,6 +52,7 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(Problem("RUN_DIR", str(run_dir), "has no adapter/ (the run did not finish, or trained without LoRA)",
                                 "export a finished LoRA/QLoRA run: python -m fasttune recipe NAME --resume finishes an interrupted one"))
+    claim = claim_outputs(out, run_dir, recipe, request)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -62,6 +66,9 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
     merged_dir = out / "merged"
     need_merge = (request.merged or request.gguf) and not (merged_dir / "config.json").is_file()
     check_disk(out, source, merge=bool(need_merge), gguf=request.gguf)
+    if claim is not None:  # recorded before the outputs are written (each appears whole, by rename)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / MANIFEST, json.dumps(claim, indent=1) + "\n")
     written = []
     if request.adapter and out.resolve() != run_dir.resolve():
         tmp = temp_dir_beside(out / "adapter")
@@ -80,6 +87,52 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
     for index, gguf_type in enumerate(request.gguf):
         written.extend(_write_gguf(merged_dir, out / "gguf", recipe, gguf_type, tokenizer, console, primary=index == 0))
     return written
+
+
+def planned_outputs(recipe: Recipe, request: ExportRequest) -> list[str]:
+    """The paths, relative to the output folder, that ``request`` writes (or, for merged/, reuses)."""
+    outputs = ["adapter"] if request.adapter else []
+    if request.merged or request.gguf:
+        outputs.append("merged")
+    for index, gguf_type in enumerate(request.gguf):
+        outputs += [f"gguf/{recipe.name}-{gguf_type}.gguf", "gguf/Modelfile" if index == 0 else f"gguf/Modelfile.{gguf_type}"]
+    return outputs
+
+
+def claim_outputs(out: Path, run_dir: Path, recipe: Recipe, request: ExportRequest) -> dict | None:
+    """Refuse, before anything is written, an --out that cannot be written or that already holds
+    outputs this export did not write; else the MANIFEST record to write there (None in the run folder).
+
+    In the run folder itself everything is the run's own. Elsewhere, an existing ``adapter/``,
+    ``merged/`` or GGUF file is replaced (or, for ``merged/``, exported from) only when MANIFEST says
+    an export of this same run wrote it: fasttune never deletes, nor builds on, what it did not write.
+    """
+    from fasttune.output_paths import folder_problem
+
+    where = "--out" if request.out is not None else "RUN_DIR"
+    problem = folder_problem(out, where, "give --out a folder you can write" if where == "--out" else
+                             "give --out a folder you can write; the run folder itself cannot be")
+    if problem is not None:
+        raise UserError(problem, "cannot export there")
+    if out.resolve() == run_dir.resolve():
+        return None
+    manifest = out / MANIFEST
+    owned: list[str] = []
+    foreign = []
+    if manifest.exists():
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+            if record.get("run") == str(run_dir.resolve()):
+                owned = [str(p) for p in record.get("outputs", [])]
+        except (OSError, ValueError, AttributeError):
+            foreign.append(MANIFEST)  # not one this export wrote: never overwritten
+    planned = planned_outputs(recipe, request)
+    foreign += [rel for rel in planned if (out / rel).exists() and rel not in owned]
+    if foreign:
+        raise UserError(Problem("--out", str(out), f"already holds {', '.join(foreign)}, which an export of this run did not write",
+                                "give another --out, or move or remove them yourself (fasttune never deletes what it did not write)"),
+                        "cannot export there")
+    return {"run": str(run_dir.resolve()), "outputs": sorted(set(owned) | set(planned))}
 
 
 def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str, tokenizer, console, primary: bool) -> list[Path]:
@@ -140,14 +193,8 @@ def parameter_count(source: str) -> int:
 
 def check_disk(out: Path, source: str, merge: bool, gguf: list[str]) -> None:
     """Refuse, naming the shortfall, when ``out``'s disk cannot hold what will be written."""
+    from fasttune.disk import require_free
+
     params = parameter_count(source)
     needed = (2 * params if merge else 0) + sum(params * BITS_PER_WEIGHT[t] / 8 for t in gguf)
-    needed *= HEADROOM
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if needed > free:
-        raise UserError(Problem("--out", str(out), f"needs about {needed / 2**30:.1f} GiB free for the export; "
-                                f"{free / 2**30:.1f} GiB are free ({(needed - free) / 2**30:.1f} GiB short)",
-                                "free some space, export fewer GGUF types, or give --out on a larger disk"))
+    require_free(out, needed * HEADROOM, "the export", "--out", "free some space, export fewer GGUF types, or give --out on a larger disk")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 from fasttune.atomic_io import atomic_file
-from fasttune.errors import Problem, UserError
 from fasttune.export import quantize
 from fasttune.export.gguf_vocab import GGUFVocab, read_vocab
 
@@ -382,24 +380,12 @@ def _write_rope_scaling(writer, rope: dict, config: dict) -> None:
 
 def _check_disk(out_path: Path, tensors: list[_Planned], vocab: GGUFVocab) -> None:
     """Refuse to start when the output folder's disk cannot hold the estimated file."""
+    from fasttune.disk import require_free
+
     needed = sum(-(-t.nbytes // _ALIGNMENT) * _ALIGNMENT + len(t.name) + 64 for t in tensors)
     needed += vocab.metadata_bytes() + 64 * 1024
-    folder = out_path.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        short = needed - free
-        raise UserError(Problem(
-            where=str(folder), value=f"{_mib(free)} free",
-            rule=f"the GGUF file needs about {_mib(needed)}; {_mib(short)} short",
-            fix=f"free at least {_mib(short)} on that disk, or write the GGUF to another folder",
-        ), title="not enough disk space for the GGUF export")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    require_free(out_path.parent, needed, f"the GGUF file {out_path.name}", str(out_path.parent),
+                 "free that much on that disk, or write the GGUF to another folder", "not enough disk space for the GGUF export")
 
 
 __all__ = ["GGUFResult", "SUPPORTED", "write_gguf"]

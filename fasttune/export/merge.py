@@ -44,6 +44,9 @@ def local_model_dir(source: str, revision: str | None = None) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    from fasttune import hub
+
+    hub.use_cache_if_unreachable()
     try:
         return Path(snapshot_download(source, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # offline and not cached, private, or no such repository

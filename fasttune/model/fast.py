@@ -147,6 +147,9 @@ def _model_type(source: str, revision: str | None, token: str | None) -> str | N
     if not path.is_file():
         from huggingface_hub import hf_hub_download
 
+        from fasttune import hub
+
+        hub.use_cache_if_unreachable()
         try:
             path = Path(hf_hub_download(source, "config.json", revision=revision, token=token))
         except Exception as err:  # offline, private, or no such repository: the hub's own words

@@ -36,6 +36,9 @@ def resolve_model_source(name: str) -> str:
         return str(path)
     if is_local(name):
         raise UserError(Problem("model.name", name, "no such folder", "point model.name at a folder with config.json and *.safetensors, or a hub id"))
+    from fasttune import hub
+
+    hub.use_cache_if_unreachable()  # a hub id: the first lookup of this process asks once whether the hub answers
     return name
 
 

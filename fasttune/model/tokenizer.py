@@ -66,9 +66,25 @@ def apply_policy(tokenizer, recipe: Recipe) -> TemplateChoice:
 
 
 def load_tokenizer(source: str, recipe: Recipe):
-    """``(tokenizer, TemplateChoice)``: the tokenizer from ``source`` with the policy applied."""
+    """``(tokenizer, TemplateChoice)``: the tokenizer from ``source`` with the policy applied.
+
+    For a hub id, the hub is first asked once whether it answers (:mod:`fasttune.hub`); offline and
+    not cached is a :class:`~fasttune.errors.SourceUnavailable` that says how to get the files.
+    """
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
-                                              trust_remote_code=recipe.model.trust_remote_code)
+    from fasttune import hub
+
+    from_hub = not Path(source).is_dir()
+    if from_hub:
+        hub.use_cache_if_unreachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
+                                                  trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as err:
+        if from_hub and hub.offline_reason():
+            raise hub.not_cached("model", source, "model.name", err) from None
+        raise
     return tokenizer, apply_policy(tokenizer, recipe)

@@ -10,6 +10,14 @@ per-sequence masking (transformers reads the restarts of ``position_ids`` in eve
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
+# TRL 1.14.2 (trl/trainer/sft_trainer.py, SFTTrainer.__init__) warns through accelerate's logger
+# for this module whenever BFD packing runs without a flash-attention variant; this is its text.
+TRL_LOGGER = "trl.trainer.sft_trainer"
+CROSS_CONTAMINATION = "Using other implementations may lead to cross-contamination between samples"
+
 
 class PackedRowsApart:
     """Wraps TRL's padding-free collator: collates each packed row alone, then stacks the rows,
@@ -30,10 +38,47 @@ class PackedRowsApart:
         return batch
 
 
+def _rows_kept_apart(attention: str, padding_free: bool, packing: bool) -> bool:
+    return attention in ("sdpa", "eager") and padding_free and packing
+
+
 def keep_packed_rows_apart(trainer, attention: str) -> bool:
     """Install :class:`PackedRowsApart` where it helps: padding-free packing with SDPA or eager."""
     collator = trainer.data_collator
-    if attention not in ("sdpa", "eager") or not getattr(collator, "padding_free", False) or not trainer.args.packing:
+    if not _rows_kept_apart(attention, getattr(collator, "padding_free", False), trainer.args.packing):
         return False
     trainer.data_collator = PackedRowsApart(collator)
     return True
+
+
+def packing_made_safe(args, attention: str) -> bool:
+    """Whether :func:`keep_packed_rows_apart` will install its collator on a trainer built from
+    ``args`` (an SFTConfig): TRL makes the collator padding-free for ``padding_free`` or BFD
+    packing (SFTTrainer.__init__). With flash attention TRL does not warn in the first place."""
+    padding_free = bool(args.padding_free) or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+    return _rows_kept_apart(attention, padding_free, bool(args.packing))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def quiet_cross_contamination_warning(args, attention: str):
+    """Around ``SFTTrainer(...)``: where :func:`packing_made_safe`, drop TRL's warning that packing
+    "may lead to cross-contamination between samples" (fasttune's own packing note says why it
+    does not), and only that message; elsewhere, change nothing."""
+    if not packing_made_safe(args, attention):
+        yield
+        return
+    logger, drop = logging.getLogger(TRL_LOGGER), _DropMessage(CROSS_CONTAMINATION)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

@@ -1,13 +1,18 @@
 """Interruption and resume.
 
 Ctrl-C (or SIGTERM) during training finishes the current step, writes a checkpoint and stops; a
-second Ctrl-C stops at once. ``recipe NAME --resume [RUN_DIR]`` continues the latest (or the given)
-run from its last checkpoint, and refuses a recipe that changed since the run started unless
-``--force`` (the differences are listed).
+second Ctrl-C stops at once. During the final saves and the export, SIGTERM stops like Ctrl-C:
+the writers remove their temporaries, so nothing half-written is left. ``recipe NAME --resume
+[RUN_DIR]`` continues the latest (or the given) run: from its newest complete checkpoint while it
+was training (incomplete ones are set aside, see train/checkpoints.py), or, once its training
+finished, by redoing only the exports that are missing. A recipe that changed since the run
+started is refused unless ``--force`` (the differences are listed); another recipe's run is
+refused by name.
 """
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -41,11 +46,59 @@ def find_run_dir(recipe: Recipe, given: str | None, root: Path = Path("runs")) -
                             f"start a run first: python -m fasttune recipe {recipe.name}"))
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(run_dir: Path) -> tuple[str | None, list[str]]:
+    """``(the newest complete checkpoint or None, what was set aside and why)``."""
+    from fasttune.train.checkpoints import newest_complete
 
-    checkpoints = run_dir / "checkpoints"
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    folder, notes = newest_complete(run_dir / "checkpoints")
+    return (str(folder) if folder else None), notes
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The run's ``config.yaml``; a file that does not read back is refused by name."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(Problem("--resume", str(path), f"cannot be read back ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                                "restore the run's config.yaml (fasttune wrote it when the run started), or start a new run")) from None
+    if not isinstance(saved, dict) or not saved.get("name"):
+        raise UserError(Problem("--resume", str(path), "is not a fasttune run's config (no recipe name in it)",
+                                "restore the run's config.yaml, or start a new run"))
+    return saved
+
+
+def trained_weights(run_dir: Path) -> Path | None:
+    """The final weights of a run whose training finished (its summary.json is written), else None."""
+    from fasttune.run_folder import SUMMARY
+
+    for name, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
+        if (run_dir / name / marker).is_file() and (run_dir / SUMMARY).is_file():
+            return run_dir / name
+    return None
+
+
+def missing_exports(run_dir: Path, recipe: Recipe) -> tuple[bool, list[str]]:
+    """``(merged/ missing, GGUF types missing)`` of what the recipe's ``export:`` asks for."""
+    types = list(recipe.export.gguf)
+    gguf = [t for index, t in enumerate(types)
+            if not (run_dir / "gguf" / f"{recipe.name}-{t}.gguf").is_file()
+            or not (run_dir / "gguf" / ("Modelfile" if index == 0 else f"Modelfile.{t}")).is_file()]
+    merged = bool(recipe.export.merged) and not (run_dir / "merged" / "config.json").is_file()
+    return merged, gguf
+
+
+@contextmanager
+def terminate_raises_interrupt():
+    """SIGTERM raises KeyboardInterrupt inside the block (as Ctrl-C does), so writers clean up."""
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -66,7 +119,10 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_unchanged(run_dir: Path, recipe: Recipe, force: bool) -> list[str]:
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    saved = saved_config(run_dir)
+    if saved["name"] != recipe.name:
+        raise UserError(Problem("--resume", str(run_dir), f"is a run of recipe {saved['name']!r}, not {recipe.name!r}",
+                                f"resume it with its own recipe: python -m fasttune recipe {run_dir / 'config.yaml'} --resume {run_dir}"))
     differences = recipe_differences(saved, recipe.to_dict())
     if differences and not force:
         raise UserError(Problem("--resume", str(run_dir), "the recipe changed since this run started: " + "; ".join(differences),

@@ -6,6 +6,7 @@ The three stages are separate functions so tests can look at the model between t
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -15,18 +16,24 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
+from fasttune.atomic_io import atomic_write_text
 from fasttune.binding import Bound
 from fasttune.config import Recipe
 from fasttune.machine import MachinePlan
+from fasttune.run_folder import SUMMARY
 from fasttune.train.distributed import is_main, world_size
 
 
 def new_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
-    """``train.output_dir`` if the recipe sets it, else ``runs/<recipe>-<timestamp>``."""
+    """``train.output_dir`` if the recipe sets it, else ``runs/<recipe>-<timestamp>`` (``-2``, ``-3``
+    when a run of the same recipe started in the same second)."""
     if recipe.train.get("output_dir"):
         return Path(recipe.train["output_dir"])
-    return root / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stamped = root / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir, number = stamped, 2
+    while run_dir.exists():
+        run_dir, number = stamped.with_name(f"{stamped.name}-{number}"), number + 1
+    return run_dir
 
 
 def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine=None) -> None:
@@ -116,17 +123,21 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
     if is_main():
         write_config(run_dir, recipe, plan, engine)
         task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
-    trainer = SFTTrainer(
-        model=model,
-        args=bound.sft,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
-    )
-    from fasttune.train.packed_rows import keep_packed_rows_apart
+    from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
+    with quiet_cross_contamination_warning(bound.sft, plan.attention):  # rows are kept apart just below
+        trainer = SFTTrainer(
+            model=model,
+            args=bound.sft,
+            train_dataset=Dataset.from_list(data.train),
+            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+            processing_class=tokenizer,
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
+        )
     keep_packed_rows_apart(trainer, plan.attention)
+    from fasttune.train.checkpoints import atomic_checkpoints
+
+    atomic_checkpoints(trainer)
     if bound.bnb is not None:
         from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
 
@@ -137,14 +148,33 @@ def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, consol
 
 
 def train(session: Session, resume_from: str | None = None) -> None:
-    """Train; Ctrl-C saves a checkpoint and raises TrainingInterrupted (see train/resume.py)."""
+    """Train; Ctrl-C saves a checkpoint and raises TrainingInterrupted (see train/resume.py).
+
+    The disk is checked first (two checkpoints and the final saves must fit); a disk that fills
+    anyway, inside a checkpoint, ends with a UserError naming it, the previous checkpoint intact.
+    """
+    from fasttune.disk import disk_full, gib, require_free
+    from fasttune.train import space
     from fasttune.train.progress import use_rich_progress
     from fasttune.train.resume import GracefulInterrupt, TrainingInterrupted
 
-    trainer = session.trainer
-    with GracefulInterrupt(session.console) as interrupt, use_rich_progress(trainer, session.console):
-        trainer.add_callback(interrupt)
-        trainer.train(resume_from_checkpoint=resume_from)
+    trainer, run_dir = session.trainer, session.run_dir
+    needed = space.estimate(trainer.model, session.recipe, trainer.args)
+    if is_main():
+        require_free(run_dir, needed.total, f"this run ({needed.describe()})", "train.output_dir",
+                     "free some space, put the run on a larger disk (train.output_dir=DIR), lower save_total_limit "
+                     "or export fewer GGUF types")
+    try:
+        with GracefulInterrupt(session.console) as interrupt, use_rich_progress(trainer, session.console):
+            trainer.add_callback(interrupt)
+            trainer.train(resume_from_checkpoint=resume_from)
+    except OSError as err:
+        full = disk_full(err, f"checkpoint-{trainer.state.global_step} into {run_dir / 'checkpoints'}", run_dir,
+                         f"free at least {gib(needed.checkpoint * 1.2)} (one checkpoint), then continue from the "
+                         f"last complete checkpoint with --resume {run_dir}")
+        if full is None:
+            raise
+        raise full from None
     if interrupt.requested:
         raise TrainingInterrupted(session.run_dir, trainer.state.global_step)
     if session.data.eval:
@@ -152,42 +182,83 @@ def train(session: Session, resume_from: str | None = None) -> None:
 
 
 def save(session: Session) -> None:
+    """The trained weights first (always: a finished run holds what it trained), then the
+    evaluation after training and ``summary.json`` (what the report shows), the exports the recipe
+    asks for, and last ``report.md``, which lists every output. Each output
+    is written under a temporary name and renamed when whole; SIGTERM here stops like Ctrl-C
+    (nothing half-written is left), and ``--resume`` then redoes only what is missing."""
     from fasttune.report import installed_versions, plot_loss, training_summary, write_report
     from fasttune.train.metrics_log import read_metrics
+    from fasttune.train.resume import terminate_raises_interrupt
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
     if not is_main():  # rank 0 writes for every process of a data-parallel run
         return
-    export = recipe.export
-    if recipe.method != "full" and (export.adapter or export.merged or export.gguf):
-        _save_adapter(trainer, session.tokenizer, run_dir / "adapter")
-    _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
+    with terminate_raises_interrupt():
+        save_trained_weights(session)
+        _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        plot_loss(metrics, run_dir / "loss.png")
+        trainable, total = count_parameters(trainer.model)
+        plan, data, before, task = session.plan, session.data, session.before, session.task
+        info = {
+            "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
+            "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
+            "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
+            "kernels": session.engine.kernels, "processes": world_size(),
+            "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
+            "train_rows": len(data.train), "eval_rows": len(data.eval),
+            "trainable_params": trainable, "total_params": total, "metrics": metrics,
+            "eval_loss": (session.final_eval or {}).get("eval_loss"),
+            "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
+            "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
+        }
+        info["wall_time_s"] = time.time() - session.started
+        # Training is finished once this is written: --resume then redoes only the exports.
+        atomic_write_text(run_dir / SUMMARY, json.dumps(info, indent=1, default=str))
+        session.after = after
+        if recipe.method != "full" and (recipe.export.merged or recipe.export.gguf):
+            from fasttune.export.exporter import request_from_recipe
 
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    plot_loss(metrics, run_dir / "loss.png")
-    trainable, total = count_parameters(trainer.model)
-    plan, data, before, task = session.plan, session.data, session.before, session.task
-    info = {
-        "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
-        "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
-        "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
-        "kernels": session.engine.kernels, "processes": world_size(),
-        "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
-        "train_rows": len(data.train), "eval_rows": len(data.eval),
-        "trainable_params": trainable, "total_params": total, "metrics": metrics,
-        "eval_loss": (session.final_eval or {}).get("eval_loss"),
-        "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
-        "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
-    }
-    if recipe.method != "full" and (export.merged or export.gguf):
-        from fasttune.export.exporter import export_run, request_from_recipe
-
-        request = request_from_recipe(recipe)
-        request.save_dtype = "bfloat16" if plan.dtype == "float32" else plan.dtype
-        export_run(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
+            request = request_from_recipe(recipe)
+            request.save_dtype = "bfloat16" if plan.dtype == "float32" else plan.dtype
+            export(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
                    card_info={**training_summary(metrics), **info})
-    write_report(run_dir, {**info, "wall_time_s": time.time() - session.started})
-    session.after = after
+        write_report(run_dir, info)
+
+
+def export(run_dir: Path, recipe: Recipe, request, console, **kwargs) -> list[Path]:
+    """``export_run``, with a disk that fills on the way said as such (the outputs written so far stay whole)."""
+    from fasttune.disk import disk_full
+    from fasttune.export.exporter import export_run
+
+    try:
+        return export_run(run_dir, recipe, request, console, **kwargs)
+    except OSError as err:
+        full = disk_full(err, "the export (merged/, gguf/)", Path(request.out or run_dir),
+                         f"free some space, then finish the export with --resume {run_dir} "
+                         f"(or python -m fasttune export {run_dir})")
+        if full is None:
+            raise
+        raise full from None
+
+
+def save_trained_weights(session: Session) -> Path:
+    """``adapter/`` (LoRA, QLoRA) or ``model/`` (full fine-tuning), with the tokenizer, written atomically."""
+    from fasttune.atomic_io import atomic_dir
+
+    recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
+    if recipe.method != "full" and not recipe.export.adapter:
+        session.console.print("[yellow]note[/] export.adapter=false: the adapter is kept anyway (a run always keeps what it "
+                              "trained; it is what merged/ and GGUF exports are made from)")
+    final = run_dir / ("model" if recipe.method == "full" else "adapter")
+    with atomic_dir(final) as tmp:
+        if recipe.method == "full":
+            trainer.save_model(str(tmp))
+        else:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+        session.tokenizer.save_pretrained(tmp)
+    return final
 
 
 def _print_data_stats(recipe: Recipe, plan: MachinePlan, bound: Bound, data, tokenizer, console) -> None:
@@ -235,10 +306,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def _save_adapter(trainer, tokenizer, out_dir: Path) -> None:
-    tmp = temp_dir_beside(out_dir)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_replace_dir(tmp, out_dir)

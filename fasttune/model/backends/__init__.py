@@ -69,7 +69,21 @@ def unsloth_first(recipe, plan, console) -> None:
 
 
 def load(source: str, recipe, plan, bound):
-    """``(model, Engine)`` for ``plan.backend``."""
+    """``(model, Engine)`` for ``plan.backend``. A hub id whose weights are not cached while the
+    hub is unreachable (or HF_HUB_OFFLINE is set) is a SourceUnavailable that says what to do."""
+    from pathlib import Path
+
+    from fasttune import hub
+
+    try:
+        return _load(source, recipe, plan, bound)
+    except OSError as err:
+        if Path(source).is_dir() or not hub.offline_reason():
+            raise
+        raise hub.not_cached("model", source, "model.name", err) from None
+
+
+def _load(source: str, recipe, plan, bound):
     engine = Engine(plan.backend, plan.backend_reason, plan.dtype, plan.attention, plan.device_name,
                     dtype_reason=plan.dtype_reason)
     if plan.backend == "unsloth":

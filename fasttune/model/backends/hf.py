@@ -101,6 +101,13 @@ def load(source: str, recipe, plan, bound):
     kernels = apply_liger(model, plan.device)
     if bound.lora is None:
         return model, kernels
+    from fasttune.errors import UserError
+    from fasttune.model.local_model import model_target_problem
+
+    # A local model's targets were checked when the recipe resolved; a hub model's can only be here.
+    problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)
+    if problem is not None:
+        raise UserError(problem)
     sft = bound.sft
     return attach_lora(model, bound.lora, gradient_checkpointing=sft.gradient_checkpointing,
                        gradient_checkpointing_kwargs=sft.gradient_checkpointing_kwargs), kernels

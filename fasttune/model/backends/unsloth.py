@@ -55,6 +55,12 @@ def load(source: str, recipe, plan, bound):
     lora, sft = bound.lora, bound.sft
     model, _ = load_base(source, max_seq_length=sft.max_length, dtype=plan.dtype, load_in_4bit=bound.bnb is not None,
                          revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    from fasttune.errors import UserError
+    from fasttune.model.local_model import model_target_problem
+
+    problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)  # a hub model's targets
+    if problem is not None:
+        raise UserError(problem)
     return attach_lora(
         model, r=lora.r, target_modules=sorted(lora.target_modules), lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout, bias=lora.bias,
