@@ -6,7 +6,6 @@ export, a run resumes (from its newest complete checkpoint, or by redoing only t
 ends with the same adapter as an uninterrupted run. A full disk, a second writer and a changed or
 foreign recipe are refused in fasttune's words.
 """
-import json
 import os
 import shutil
 import signal
@@ -38,8 +37,9 @@ def setup_files(tmp_path_factory):
 
 
 def overrides(model: Path, data: Path, run_dir: Path) -> list[str]:
+    # export.adapter=false: a run keeps its adapter anyway (every test below compares it).
     return [f"model.name={model}", f"data.path={data}", "data.eval_rows=0", "eval.task=null", "export.merged=false",
-            f"train.output_dir={run_dir}", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1",
+            "export.gguf=[]", "export.adapter=false", f"train.output_dir={run_dir}", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1",
             "train.per_device_train_batch_size=2", "train.warmup_steps=0", "train.save_total_limit=null"]
 
 
@@ -88,7 +88,15 @@ def uninterrupted(setup_files):
     run_dir = root / "whole"
     result = fasttune(*overrides(model, data, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "export.adapter=false: the adapter is kept anyway" in result.stdout
     return adapter(run_dir)
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m fasttune recipe demo ARGS`` in this process (for refusals: no subprocess start-up)."""
+    code = cli.main(["recipe", "demo", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def assert_same_adapter(a: dict, b: dict) -> None:
@@ -124,18 +132,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(setup_files, uninterrupte
     assert_same_adapter(uninterrupted, adapter(run_dir))
 
 
-def test_resume_refuses_a_changed_recipe_unless_forced(setup_files, uninterrupted):
+def test_resume_refuses_a_changed_recipe_unless_forced(setup_files, uninterrupted, capsys):
     root, model, data = setup_files
     run_dir = root / "whole"
     args = overrides(model, data, run_dir)
-    changed = fasttune(*[a.replace("train.logging_steps=1", "train.logging_steps=3") for a in args], "--resume")
-    assert changed.returncode == 2 and "Traceback" not in changed.stderr
-    assert "the recipe changed since this run started: train.logging_steps: 1 -> 3" in changed.stderr
-    nothing = fasttune(f"model.name={model}", f"data.path={data}", f"train.output_dir={root / 'never'}", "--resume")
-    assert nothing.returncode == 2 and "holds no earlier run" in nothing.stderr
+    code, _, err = in_process(capsys, *[a.replace("train.logging_steps=1", "train.logging_steps=3") for a in args], "--resume")
+    assert code == 2 and "the recipe changed since this run started: train.logging_steps: 1 -> 3" in err
+    code, _, err = in_process(capsys, f"model.name={model}", f"data.path={data}", f"train.output_dir={root / 'never'}", "--resume")
+    assert code == 2 and "holds no earlier run" in err
 
 
-def test_sigkill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(setup_files, uninterrupted):
+def test_sigkill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(setup_files, uninterrupted, capsys):
     """Killed while the Trainer writes checkpoint-4 (model and optimizer written, state not), with
     save_total_limit 1: checkpoint-2 survives, a second writer is refused with the pid, and the
     resume sets the half-written folders aside (never deletes them) and ends equal."""
@@ -146,9 +153,8 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(set
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [".partial-checkpoint-4", "checkpoint-2"]
     for second in (args, [*args, "--resume"]):
-        refused = fasttune(*second)
-        assert refused.returncode == 2 and "Traceback" not in refused.stderr
-        assert f"is in use by another fasttune process (pid {process.pid})" in refused.stderr
+        code, _, err = in_process(capsys, *second)
+        assert code == 2 and f"is in use by another fasttune process (pid {process.pid})" in err
     killed = finish(process, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     assert checkpoint_problems(checkpoints / "checkpoint-2") == []
@@ -167,7 +173,7 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(set
     assert kept == ["checkpoint-6", "incomplete-checkpoint-4", "incomplete-checkpoint-4.2"], kept
 
 
-def test_checkpoint_problems_name_what_a_resume_would_trip_over(setup_files, tmp_path):
+def test_checkpoint_problems_name_what_a_resume_would_trip_over(setup_files, uninterrupted, tmp_path):
     root, model, data = setup_files
     complete = next((root / "whole" / "checkpoints").glob("checkpoint-*"))
     assert checkpoint_problems(complete) == []
@@ -235,7 +241,7 @@ def test_sigterm_or_a_full_disk_during_the_export_then_resume_redoes_only_the_ex
     temporary is left; the last --resume finishes the export without training again."""
     root, model, data = setup_files
     run_dir = root / "export-stops"
-    args = [a for a in overrides(model, data, run_dir) if a != "export.merged=false"] + ["export.gguf=[q8_0]"]
+    args = [a for a in overrides(model, data, run_dir) if a not in ("export.merged=false", "export.gguf=[]")] + ["export.gguf=[q8_0]"]
 
     def nothing_half_written() -> None:
         assert not list(run_dir.glob(".*.tmp*")) and not list(run_dir.glob("gguf/.*.tmp*")), "no temporary is left behind"
@@ -272,47 +278,33 @@ def test_sigterm_or_a_full_disk_during_the_export_then_resume_redoes_only_the_ex
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
-def test_a_run_folder_belongs_to_one_run(setup_files, tmp_path):
+def test_a_run_folder_belongs_to_one_run(setup_files, tmp_path, capsys):
     root, model, data = setup_files
     finished = root / "whole"
     before = {p: p.stat().st_mtime_ns for p in finished.rglob("*")}
-    into_run = fasttune(*overrides(model, data, finished))
-    assert into_run.returncode == 2 and "already holds a run (recipe demo, finished)" in into_run.stderr
-    assert f"--resume {finished}" in into_run.stderr
+    code, _, err = in_process(capsys, *overrides(model, data, finished))
+    assert code == 2 and "already holds a run (recipe demo, finished)" in err and f"--resume {finished}" in err
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    into_mine = fasttune(*overrides(model, data, mine))
-    assert into_mine.returncode == 2 and "is not empty and was not made by fasttune (it holds notes.txt)" in into_mine.stderr
+    code, _, err = in_process(capsys, *overrides(model, data, mine))
+    assert code == 2 and "is not empty and was not made by fasttune (it holds notes.txt)" in err
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*")} == before
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
-def test_resume_names_a_foreign_or_unreadable_run(setup_files, tmp_path):
+def test_resume_names_a_foreign_or_unreadable_run(setup_files, tmp_path, capsys):
     root, model, data = setup_files
     other = tmp_path / "other"
     shutil.copytree(root / "whole", other, ignore=shutil.ignore_patterns("checkpoints", "adapter", "merged", "gguf"))
     config = other / "config.yaml"
     config.write_text(config.read_text().replace("name: demo", "name: my_recipe", 1))
-    foreign = fasttune(*overrides(model, data, other), "--resume", str(other))
-    assert foreign.returncode == 2 and "is a run of recipe 'my_recipe', not 'demo'" in foreign.stderr
-    assert foreign.stderr.count("->") == 0, "not a list of every setting that differs"
+    code, _, err = in_process(capsys, *overrides(model, data, other), "--resume", str(other))
+    assert code == 2 and "is a run of recipe 'my_recipe', not 'demo'" in err
+    assert err.count("->") == 0, "not a list of every setting that differs"
     config.write_text("name: [unclosed\n")
-    broken = fasttune(*overrides(model, data, other), "--resume", str(other))
-    assert broken.returncode == 2 and "Traceback" not in broken.stderr and "cannot be read back" in broken.stderr
-
-
-def test_every_run_keeps_what_it_trained(setup_files, tmp_path):
-    """export.adapter=false used to save nothing at all; the adapter is kept, with a note."""
-    root, model, data = setup_files
-    run_dir = tmp_path / "no-adapter"
-    args = [a for a in overrides(model, data, run_dir) if not a.startswith("train.max_steps")] + ["train.max_steps=2",
-                                                                                                  "export.adapter=false"]
-    result = fasttune(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "the adapter is kept anyway" in result.stdout
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    code, _, err = in_process(capsys, *overrides(model, data, other), "--resume", str(other))
+    assert code == 2 and "cannot be read back" in err
 
 
 def test_the_space_estimate_counts_checkpoints_optimizer_and_exports():
