@@ -183,10 +183,11 @@ def _finish_exports(recipe, run_dir: Path, console) -> int:
     from rich.markup import escape
 
     from fasttune.export.exporter import ExportRequest
-    from fasttune.run_folder import RunFolderLock
-    from fasttune.train.resume import missing_exports, terminate_raises_interrupt
-    from fasttune.train.runner import export
+    from fasttune.train import distributed
+    from fasttune.train.resume import missing_exports
 
+    if not distributed.is_main():
+        return 0  # rank 0 exports for every process
     merged, gguf = missing_exports(run_dir, recipe)
     if recipe.method == "full" or not (merged or gguf):
         console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished and every output is there; nothing to do")
@@ -195,18 +196,30 @@ def _finish_exports(recipe, run_dir: Path, console) -> int:
     console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished; redoing the export only "
                   f"({', '.join((['merged/'] if merged else []) + [f'gguf {t}' for t in gguf])})")
     request = ExportRequest(merged=merged, gguf=gguf, save_dtype=_run_dtype(run_dir))
-    with RunFolderLock(run_dir, "--resume") as lock, terminate_raises_interrupt():
-        if lock.note:
-            console.print(f"[yellow]lock[/] {escape(lock.note)}")
-        try:
-            export(run_dir, recipe, request, console)
-            _rewrite_report(run_dir)
-        except KeyboardInterrupt:
-            console.print(f"[yellow]stopped[/] during the export; what was written so far is whole\n    resume: "
-                          f"python -m fasttune recipe {escape(str(run_dir / 'config.yaml'))} --resume {escape(str(run_dir))}")
-            return 130
+    if _held_export(run_dir, recipe, request, console, "--resume") is None:
+        console.print(f"    resume: python -m fasttune recipe {escape(str(run_dir / 'config.yaml'))} --resume {escape(str(run_dir))}")
+        return 130
+    _rewrite_report(run_dir)
     _print_done(recipe, run_dir, console)
     return 0
+
+
+def _held_export(run_dir: Path, recipe, request, console, key: str) -> list[Path] | None:
+    """Export while holding the run folder (a run still writing there is refused), with SIGTERM
+    stopping like Ctrl-C so the writers remove their temporaries; None when it was stopped."""
+    from fasttune.train.resume import terminate_raises_interrupt
+    from fasttune.train.runner import export
+
+    lock = _lock(run_dir, console, key)
+    try:
+        with terminate_raises_interrupt():
+            return export(run_dir, recipe, request, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped[/] during the export; what was written so far is whole")
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _rewrite_report(run_dir: Path) -> None:
@@ -284,18 +297,10 @@ def cmd_export(args) -> int:
     request.out = Path(args.out) if args.out else None
     request.save_dtype = _run_dtype(run_dir)
     console = _console()
-    from fasttune.run_folder import RunFolderLock
-    from fasttune.train.resume import terminate_raises_interrupt
-    from fasttune.train.runner import export
-
-    # The run folder is held while it is read (a run still training there is refused), and SIGTERM
-    # stops like Ctrl-C, so the writers remove their temporaries.
-    with RunFolderLock(run_dir, "RUN_DIR"), terminate_raises_interrupt():
-        try:
-            written = export(run_dir, recipe, request, console)
-        except KeyboardInterrupt:
-            console.print("[yellow]stopped[/] during the export; what was written so far is whole (run the same command again)")
-            return 130
+    written = _held_export(run_dir, recipe, request, console, "RUN_DIR")
+    if written is None:
+        console.print("    finish it: run the same command again")
+        return 130
     for path in written:
         console.print(f"[green]wrote[/] {escape(str(path))}")
     if not written:
