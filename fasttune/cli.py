@@ -149,18 +149,25 @@ def cmd_recipe(args) -> int:
     try:
         session = run(recipe, plan, bound, run_dir, console, resume_from)
     except TrainingInterrupted as stop:
-        console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: python -m fasttune recipe "
-                      f"{escape(args.recipe)} --resume {escape(str(stop.run_dir))}")
+        console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: {escape(_resume_command(args, run_dir))}")
         return 130
     except KeyboardInterrupt:
         console.print(f"[yellow]stopped[/] before the run finished; everything written so far is whole\n    resume: "
-                      f"python -m fasttune recipe {escape(args.recipe)} --resume {escape(str(run_dir))}")
+                      f"{escape(_resume_command(args, run_dir))}")
         return 130
     finally:
         if lock is not None:
             lock.release()
     _print_done(recipe, session.run_dir, console)
     return 0
+
+
+def _resume_command(args, run_dir: Path) -> str:
+    """The command that continues this run: the same recipe and overrides (anything else would be
+    refused as a changed recipe), plus ``--resume RUN_DIR``."""
+    import shlex
+
+    return shlex.join(["python", "-m", "fasttune", "recipe", args.recipe, *args.overrides, "--resume", str(run_dir)])
 
 
 def _lock(run_dir: Path, console, key: str):

@@ -7,6 +7,7 @@ ends with the same adapter as an uninterrupted run. A full disk, a second writer
 foreign recipe are refused in fasttune's words.
 """
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -230,7 +231,10 @@ def test_sigterm_during_the_final_save_leaves_nothing_half_written_and_resume_en
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     assert f"--resume {run_dir}" in stopped.stdout
     assert not (run_dir / "adapter").exists() and not list(run_dir.glob(".adapter.tmp*"))
-    resumed = fasttune(*args, "--resume")
+    hint = next(line for line in stopped.stdout.splitlines() if line.strip().startswith("resume: "))
+    command = shlex.split(hint.split("resume: ", 1)[1])
+    assert command[:4] == ["python", "-m", "fasttune", "recipe"]
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=300)  # as printed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_adapter(uninterrupted, adapter(run_dir))
 
