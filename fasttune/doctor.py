@@ -65,11 +65,11 @@ def doctor(output_dir: Path, console) -> int:
 
     from fasttune import config, machine
 
-    found = machine.facts()
-    if found.cuda:
-        console.print(f"[bold]GPU[/] {found.device_name}, {found.gpu_memory_gb} GB, bf16 {'yes' if found.bf16 else 'no'}")
+    facts = machine.detect()
+    if facts.cuda:
+        console.print(f"[bold]GPU[/] {facts.device_name}, {facts.gpu_memory_gb} GB, bf16 {'yes' if facts.bf16 else 'no'}")
     else:
-        console.print(f"[bold]GPU[/] no GPU (torch {found.torch_version}); GPU recipes run with --dry-run or --cpu only")
+        console.print(f"[bold]GPU[/] no GPU (torch {facts.torch_version}); GPU recipes run with --dry-run or --cpu only")
     try:
         from bitsandbytes.cextension import BNB_BACKEND
 
@@ -79,11 +79,11 @@ def doctor(output_dir: Path, console) -> int:
         problems.append(("bitsandbytes cannot load", "reinstall bitsandbytes==" + pins.get("bitsandbytes", "")))
 
     recipe = config.resolve("mistral_qlora")
-    plan = machine.plan(recipe, found)
-    unsloth = "installed" if found.unsloth_installed else "not installed"
+    plan = machine.plan(recipe, facts)
+    unsloth = "installed" if facts.unsloth_installed else "not installed"
     console.print(f"[bold]Unsloth[/] {unsloth}; would be used: "
                   + escape("yes" if plan.backend == "unsloth" else f"no ({plan.backend_reason})"))
-    if found.cuda and not found.unsloth_installed:
+    if facts.cuda and not facts.unsloth_installed:
         problems.append(("Unsloth is not installed on a CUDA machine", "pip install -c constraints.txt -e '.[unsloth]'"))
 
     free = _free_gb(output_dir)

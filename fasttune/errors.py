@@ -5,9 +5,18 @@ with three lines, not three runs. The CLI prints it and exits with code 2, witho
 """
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass
 
 EXIT_USER_ERROR = 2
+
+
+def suggest(word: str, candidates: typing.Iterable[str], cutoff: float = 0.6) -> str:
+    """``did you mean `x`?`` for the candidate closest to ``word``, or ``""`` when none is close:
+    every "did you mean" fasttune prints comes from here."""
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=cutoff)
+    return f"did you mean `{close[0]}`?" if close else ""
 
 
 @dataclass(frozen=True)

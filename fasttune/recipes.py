@@ -5,13 +5,12 @@ installed wheel carries the same files as ``fasttune/builtin_recipes/`` (see pyp
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from fasttune.errors import Problem, UserError
+from fasttune.errors import Problem, UserError, suggest
 
 _PACKAGED = Path(__file__).parent / "builtin_recipes"
 _CHECKOUT = Path(__file__).parent.parent / "recipes"
@@ -83,8 +82,8 @@ def find(name_or_path: str) -> RecipeSource:
     path = builtin_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         names = recipe_names()
-        close = difflib.get_close_matches(name_or_path, names, n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
+        hint = suggest(name_or_path, names)
+        hint += " " if hint else ""
         raise UserError(Problem("recipe", name_or_path, f"is not a named recipe (known: {', '.join(names)})",
                                 f"{hint}run `python -m fasttune recipes` to list them, or pass a .yaml file"))
     return RecipeSource(name_or_path, path, _read_yaml(path))

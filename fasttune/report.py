@@ -6,6 +6,7 @@ stack. matplotlib is imported only by ``plot_loss``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from fasttune.atomic_io import atomic_file, atomic_write_text
 
 REPORT_FILE = "report.md"
 LOSS_PLOT_FILE = "loss.png"
+METRICS_FILE = "metrics.jsonl"
+"""Every logged metric of a run, one JSON object a line (written by fasttune.train.metrics_log)."""
 
 # What a reader finds in a run directory, in the order the report lists it. Names not listed here
 # are still shown, without a description.
@@ -34,6 +37,36 @@ _GGUF_DESCRIPTION = "GGUF export for llama.cpp / Ollama"
 _CHECKPOINT_DESCRIPTION = "trainer checkpoint, to resume from"
 
 DEFAULT_VERSION_PACKAGES = ("torch", "transformers", "trl", "peft")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read ``metrics.jsonl`` (or the one inside a run directory) as a list of dicts.
+
+    A last line cut short by a kill is skipped. A damaged line anywhere else is not something
+    ``MetricsLog`` produces, so it raises ``ValueError`` with the file and line number.
+    """
+    path = metrics_path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg}); the file is damaged") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def metrics_path(path: str | os.PathLike[str]) -> Path:
+    """The metrics file for ``path``: itself if it names a ``.jsonl`` file, else ``path/metrics.jsonl``."""
+    path = Path(path)
+    return path if path.suffix == ".jsonl" else path / METRICS_FILE
 
 
 def installed_versions(packages: tuple[str, ...] = DEFAULT_VERSION_PACKAGES) -> dict[str, str]:

@@ -6,20 +6,59 @@ another folder): fasttune never deletes what it did not write. While a process t
 exports into a run folder it holds an exclusive lock on ``.fasttune.lock`` there (``flock``: the
 kernel releases it when the process ends, however it ends; a clean end also removes the file); a
 second process is refused at once with the first one's pid. A lock file left with the pid of a
-process that is gone (killed) is taken over with a note. Standard library only.
+process that is gone (killed) is taken over with a note. The folder's ``config.yaml`` is the run's
+own record of its recipe and machine (:func:`saved_config` reads it back for resume and export).
+Torch-free.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import time
+from datetime import datetime
 from pathlib import Path
+
+import yaml
 
 from fasttune.errors import Problem, UserError
 
 LOCK = ".fasttune.lock"
+CONFIG = "config.yaml"
+"""The resolved recipe plus what ran it (``machine:``); written once the model has loaded."""
 SUMMARY = "summary.json"
 """What a run's report shows, as data; written once its training has finished, before the exports."""
+
+
+def new_run_dir(recipe_name: str, output_dir: str | None, root: Path = Path("runs")) -> Path:
+    """``train.output_dir`` if the recipe sets it, else ``runs/<recipe>-<timestamp>`` (``-2``, ``-3``
+    when a run of the same recipe started in the same second)."""
+    if output_dir:
+        return Path(output_dir)
+    stamped = root / f"{recipe_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir, number = stamped, 2
+    while run_dir.exists():
+        run_dir, number = stamped.with_name(f"{stamped.name}-{number}"), number + 1
+    return run_dir
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The run's ``config.yaml``; a file that does not read back is refused by name."""
+    path = run_dir / CONFIG
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(Problem("--resume", str(path), f"cannot be read back ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                                "restore the run's config.yaml (fasttune wrote it when the run started), or start a new run")) from None
+    if not isinstance(saved, dict) or not saved.get("name"):
+        raise UserError(Problem("--resume", str(path), "is not a fasttune run's config (no recipe name in it)",
+                                "restore the run's config.yaml, or start a new run"))
+    return saved
+
+
+def saved_dtype(run_dir: Path) -> str:
+    """The dtype a run's merged model is saved in: its own 16-bit dtype, bfloat16 for a float32 run."""
+    dtype = (saved_config(run_dir).get("machine") or {}).get("dtype")
+    return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
 def check_new_run_folder(run_dir: Path, key: str = "train.output_dir") -> None:

@@ -67,7 +67,7 @@ def build_world(root: Path) -> None:
     import pyarrow.parquet
 
     from fixtures.tiny_models import build_tiny_model, write_chat_jsonl
-    from fixtures.tokenizers import load_tokenizer
+    from fixtures.real_tokenizers import load_tokenizer
 
     model = build_tiny_model("llama", load_tokenizer("smollm2"), root / MODEL)
     write_chat_jsonl(root / CHAT, 8)
@@ -310,7 +310,7 @@ def test_export_may_replace_what_an_export_of_the_same_run_wrote(world, tmp_path
 
 
 def test_a_failed_bench_side_gives_its_last_error_not_its_traceback():
-    from fasttune.bench.harness import last_error
+    from fasttune.side_by_side.harness import last_error
 
     crash = ("loading...\nTraceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n    run()\n"
              "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")

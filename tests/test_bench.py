@@ -13,11 +13,11 @@ import torch
 from rich.console import Console
 
 from fasttune import config
-from fasttune.bench import harness, random_model
-from fasttune.bench.side import Meter
+from fasttune.side_by_side import harness, random_model
+from fasttune.side_by_side.side import Meter
 from fasttune.errors import UserError
 from fixtures.tiny_models import build_tiny_model
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

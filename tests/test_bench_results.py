@@ -1,4 +1,4 @@
-"""fasttune.bench.analysis and .results: the bench's analysis and report, from hand-built side documents.
+"""fasttune.side_by_side.analysis and .results: the bench's analysis and report, from hand-built side documents.
 
 Pure Python plus matplotlib (for bench.png): no torch, no training.
 """
@@ -12,8 +12,8 @@ import math
 import pytest
 from rich.console import Console
 
-from fasttune.bench import analysis
-from fasttune.bench import results as bench
+from fasttune.side_by_side import analysis
+from fasttune.side_by_side import results as bench
 from fasttune.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # PNG spec, section 5.2 (https://www.w3.org/TR/png-3/)

@@ -110,7 +110,7 @@ def test_unreachable_hub_dataset_is_one_clear_message():
 
 def test_data_inspect_marks_trained_text_without_colours(tmp_path):
     from fixtures.tiny_models import build_tiny_model
-    from fixtures.tokenizers import load_tokenizer
+    from fixtures.real_tokenizers import load_tokenizer
 
     model = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "model")
     data = tmp_path / "chat.jsonl"

@@ -5,7 +5,7 @@ import pytest
 
 from fasttune import config
 from fasttune.data.formats import BadRow, convert, detect
-from fasttune.data.prepare import prepare
+from fasttune.data.rows import read_data
 from fasttune.errors import UserError
 
 # The examples of https://huggingface.co/docs/trl/en/dataset_formats, verbatim.
@@ -23,7 +23,7 @@ DETECTED = {"text": "text", "messages": "messages", "prompt_completion": "prompt
 def run(tmp_path, rows, *overrides):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return prepare(config.resolve("demo", [f"data.path={path}", "data.max_rows=null", "data.eval_rows=null", *overrides])), path
+    return read_data(config.resolve("demo", [f"data.path={path}", "data.max_rows=null", "data.eval_rows=null", *overrides])), path
 
 
 def failure(tmp_path, rows, *overrides):
@@ -151,3 +151,19 @@ def test_convert_raises_bad_row_with_kind():
     with pytest.raises(BadRow) as err:
         convert({"text": ""}, "text")
     assert err.value.kind == "field `text` is empty"
+
+
+def test_data_format_takes_exactly_the_shapes_fasttune_reads():
+    """config.DATA_FORMATS is the one list: the recipe's Literal is built from it, and every name
+    is a shape the reader detects and converts."""
+    import typing
+
+    from fasttune.data.formats import detect_shape
+
+    assert typing.get_args(typing.get_type_hints(config.DataSection)["format"]) == ("auto", *config.DATA_FORMATS)
+    rows = {**TRL_EXAMPLES, "alpaca": {"instruction": "Say hi.", "output": "Hi."},
+            "sharegpt": {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hi."}]}}
+    assert {detect_shape(row) for row in rows.values()} == set(config.DATA_FORMATS)
+    for fmt in config.DATA_FORMATS:
+        assert convert(next(row for row in rows.values() if detect_shape(row) == fmt), fmt)
+    assert config.resolve("demo", ["data.format=alpaca"]).data.format == "alpaca"

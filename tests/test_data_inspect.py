@@ -13,7 +13,7 @@ from fasttune.families.chat_templates import get_template
 from fasttune.data.tokenize import IGNORE, MaskRules, tokenize
 from fixtures.spans import decoded_runs
 from fixtures.tiny_models import build_tiny_model
-from fixtures.tokenizers import DEFAULT_TEMPLATE, load_tokenizer
+from fixtures.real_tokenizers import DEFAULT_TEMPLATE, load_tokenizer
 
 # TRL's own example records (TRL docs, "Dataset formats and types").
 TEXT = {"text": "The sky is blue."}

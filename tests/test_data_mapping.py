@@ -5,8 +5,9 @@ import pytest
 import yaml
 
 from fasttune import config
+from fasttune import prepare as preparation
 from fasttune.data.mapping import compile_mapping, map_row, parse_template
-from fasttune.data.prepare import prepare
+from fasttune.data.rows import read_data
 from fasttune.errors import UserError
 
 # Shaped like FreedomIntelligence/medical-o1-reasoning-SFT (columns Question, Complex_CoT, Response).
@@ -22,7 +23,7 @@ def run(tmp_path, rows, mapping, *overrides):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump({"extends": "demo", "data": {"path": str(path), "mapping": mapping,
                                                                       "max_rows": None, "eval_rows": None}}))
-    return prepare(config.resolve(str(recipe_file), list(overrides)))
+    return read_data(config.resolve(str(recipe_file), list(overrides)))
 
 
 def test_medical_o1_reasoning_mapping(tmp_path):
@@ -81,14 +82,14 @@ def test_a_column_missing_from_some_rows_is_a_bad_row(tmp_path):
 
 def test_bad_mappings_are_recipe_errors():
     with pytest.raises(UserError) as err:
-        config.resolve("demo", ['data.mapping={usr: "{Question}", assistant: "{a:>3}", text: "{b}"}'])
+        preparation.resolve("demo", ['data.mapping={usr: "{Question}", assistant: "{a:>3}", text: "{b}"}'])
     message = str(err.value)
     assert "data.mapping.usr = '{Question}': is not a column fasttune builds" in message and "did you mean `user`?" in message
     assert "data.mapping.assistant = '{a:>3}': {a:>3} is not a column reference" in message
     assert "mixes conversation turns (system/user/assistant) with other columns" in message
     assert "data.mapping.user = (missing): a conversation mapping needs a user and an assistant template" in message
     with pytest.raises(UserError, match="does not build a known shape"):
-        config.resolve("demo", ['data.mapping={completion: "{b}"}'])
+        preparation.resolve("demo", ['data.mapping={completion: "{b}"}'])
 
 
 def test_templates_copy_data_verbatim():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fasttune import config
-from fasttune.data.prepare import prepare
+from fasttune.data.rows import read_data
 from fasttune.data.sources import SourceUnavailable, load_rows, source_paths
 from fasttune.errors import UserError
 
@@ -57,7 +57,7 @@ def test_save_to_disk_folder_with_splits(tmp_path):
     folder = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(folder))
     assert load_rows(str(folder), "test") == ROWS[:1]
-    data = prepare(recipe(f"data.path={folder}", "data.split=train"))
+    data = read_data(recipe(f"data.path={folder}", "data.split=train"))
     assert data.train == ROWS and data.format == "prompt_completion"
     with pytest.raises(UserError) as err:
         load_rows(str(folder), "validation")
@@ -69,8 +69,8 @@ def test_several_files_from_a_list_or_commas_are_concatenated_in_order(tmp_path)
     b = tmp_path / "b.json"
     b.write_text(json.dumps(ROWS[1:]))
     assert source_paths(f"{a}, {b}") == [str(a), str(b)]
-    from_cli = prepare(recipe(f"data.path={a},{b}"))
-    from_yaml = prepare(recipe(f"data.path=[{a}, {b}]"))
+    from_cli = read_data(recipe(f"data.path={a},{b}"))
+    from_yaml = read_data(recipe(f"data.path=[{a}, {b}]"))
     assert from_cli.train == from_yaml.train == ROWS
     assert from_cli.report.rows_read == 2 and from_cli.source == f"{a}, {b}"
 
@@ -79,7 +79,7 @@ def test_several_files_must_share_a_shape(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "The sky is blue."}])
     with pytest.raises(UserError) as err:
-        prepare(recipe(f"data.path={a},{b}"))
+        read_data(recipe(f"data.path={a},{b}"))
     assert f"sources must share one row shape ({a} is prompt_completion, {b} is text)" in str(err.value)
 
 
@@ -87,7 +87,7 @@ def test_bad_rows_in_several_files_are_located_per_file(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)
     b = write_jsonl(tmp_path / "b.jsonl", [ROWS[0], {"prompt": "x", "completion": ""}])
     with pytest.raises(UserError) as err:
-        prepare(recipe(f"data.path={a},{b}"))
+        read_data(recipe(f"data.path={a},{b}"))
     assert f"1 row: field `completion` is empty (first: {b} row 2)" in str(err.value)
 
 
@@ -124,7 +124,7 @@ def test_an_empty_file_is_reported(tmp_path, name):
     path = tmp_path / name
     path.write_text("\n" if name.endswith(".jsonl") else "")
     with pytest.raises(UserError) as err:
-        prepare(recipe(f"data.path={path}"))
+        read_data(recipe(f"data.path={path}"))
     assert f"data.path = '{path}': holds no rows" in str(err.value)
 
 
@@ -132,11 +132,11 @@ def test_eval_path_and_eval_fraction_and_max_rows(tmp_path):
     rows = [{"text": f"row {i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     held = write_jsonl(tmp_path / "held.jsonl", rows[:3])
-    split = prepare(recipe(f"data.path={path}", "data.eval_fraction=0.25", "data.eval_rows=null", "data.max_rows=null"))
-    again = prepare(recipe(f"data.path={path}", "data.eval_fraction=0.25", "data.eval_rows=null", "data.max_rows=null"))
+    split = read_data(recipe(f"data.path={path}", "data.eval_fraction=0.25", "data.eval_rows=null", "data.max_rows=null"))
+    again = read_data(recipe(f"data.path={path}", "data.eval_fraction=0.25", "data.eval_rows=null", "data.max_rows=null"))
     assert len(split.eval) == 5 and len(split.train) == 15 and split.eval == again.eval  # fixed seed
     assert not {r["text"] for r in split.eval} & {r["text"] for r in split.train}
-    limited = prepare(recipe(f"data.path={path}", f"data.eval_path={held}", "data.max_rows=4", "data.eval_rows=null"))
+    limited = read_data(recipe(f"data.path={path}", f"data.eval_path={held}", "data.max_rows=4", "data.eval_rows=null"))
     assert limited.train == rows[:4] and limited.eval == rows[:3] and limited.eval_report.rows_read == 3
 
 
@@ -144,7 +144,7 @@ def test_the_users_files_are_never_modified(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "x", "output": ""}\n')
     before = path.read_bytes()
-    prepare(recipe(f"data.path={path}", "data.on_bad_row=skip", "data.system_prompt=Be brief."))
+    read_data(recipe(f"data.path={path}", "data.on_bad_row=skip", "data.system_prompt=Be brief."))
     assert path.read_bytes() == before
 
 

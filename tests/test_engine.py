@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
 from fasttune import config, machine
 from fasttune.errors import UserError
 from fasttune.families import FAMILIES
-from fasttune.model.fast_path import FUSED_TARGETS, UNSLOTH_LOGGER, capture_summary, fast_path_losses, parse_summary, report_from_messages
+from fasttune.families.base import LLAMA_STYLE_TARGETS as FUSED_TARGETS
+from fasttune.machine import fast_path_losses
+from fasttune.model.fast_path import UNSLOTH_LOGGER, capture_summary, parse_summary, report_from_messages
 from fixtures.tiny_models import build_tiny_model
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 from fixtures.unsloth_cpu import REPO, env_without_unsloth
 
 MISTRAL = FAMILIES["mistral"]
@@ -78,17 +79,15 @@ def raising_unsloth(tmp_path, monkeypatch) -> Path:
 
 
 def test_auto_falls_back_when_unsloth_raises(raising_unsloth):
-    from fasttune.model.backends import unsloth_first
+    from fasttune.prepare import plan_machine
 
     recipe = config.resolve("mistral_qlora")
     gpu = machine.MachineFacts(True, "NVIDIA A100", 80.0, True, "test", unsloth_installed=True)
-    plan = machine.plan(recipe, gpu)
-    assert plan.backend == "unsloth"
-    console = Console(record=True, width=200)
-    unsloth_first(recipe, plan, console)
+    assert machine.plan(recipe, gpu).backend == "unsloth"
+    plan = plan_machine(recipe, gpu, training=True)
     reason = "Unsloth raised ImportError: Unsloth: your NVIDIA driver is too old (found 470, need 525)"
     assert (plan.backend, plan.backend_reason, plan.attention) == ("hf", reason, "sdpa")
-    assert f"falling back to hf: {reason}" in console.export_text()
+    assert any(f"falling back to hf: {reason}" in note for note in plan.notes)
 
 
 def test_named_unsloth_that_raises_is_refused_with_the_reason(raising_unsloth, tmp_path):

@@ -20,7 +20,7 @@ from fasttune import config
 from fasttune.errors import UserError
 from fasttune.export import exporter
 from fixtures.tiny_models import build_tiny_model, write_chat_jsonl
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 """Every family trains on the CPU through fasttune's real path, on a tiny model of its real architecture.
 
-For each family's ``*_qlora`` recipe (and ``mistral_lora``): ``config.resolve`` → ``machine.plan``
-(CPU) → ``binding.bind`` → ``runner.setup`` / ``train`` / ``save`` on a random 2-layer model
-(tests/fixtures/tiny_models.py) with the family's real tokenizer (tests/fixtures/tokenizers.py).
+For every registered family (fasttune.families.FAMILIES), its ``qlora`` recipe (and ``mistral_lora``): ``config.resolve`` → ``machine.plan``
+(CPU) → ``prepare.prepare`` → ``runner.setup`` / ``train`` / ``save`` on a random 2-layer model
+(tests/fixtures/tiny_models.py) with the family's real tokenizer (tests/fixtures/real_tokenizers.py).
 Checked: the base is NF4 4-bit where the recipe says qlora; every LoRA matrix of every target
 module moved and nothing else did (bit for bit, quantization constants included); the loss is
 finite; the saved adapter names the family's targets. And the batches the trainer learns from:
@@ -20,25 +20,24 @@ import pytest
 import torch
 from rich.console import Console
 
-from fasttune import binding, config, machine
+from fasttune import config, machine, prepare
+from fasttune.families import FAMILIES as REGISTRY
 from fasttune.families import get_family
 from fasttune.families.chat_templates import get_template
 from fasttune.train import runner
+from fixtures.family_recipes import family_recipes
 from fixtures.tiny_models import build_tiny_model, write_chat_jsonl
 from fixtures.spans import decoded_runs
-from fixtures.tokenizers import load_tokenizer, original_templates
+from fixtures.real_tokenizers import TOKENIZER_FOR, load_tokenizer, original_templates
 
 # End to end on tiny models: about a minute for the whole file on 2 cores.
 pytestmark = pytest.mark.slow
 
-# model_type -> (recipe, test tokenizer, chat template the recipe trains with)
+# model_type -> (qlora recipe, test tokenizer, chat template the recipe trains with), for every
+# registered family; None where one is missing (tests/test_family_stations.py names what).
 FAMILIES = {
-    "llama": ("llama3_qlora", "llama3", "llama3"),
-    "mistral": ("mistral_qlora", "mistral", "mistral"),
-    "qwen2": ("qwen2_5_qlora", "qwen", "qwen2_5"),
-    "qwen3": ("qwen3_qlora", "qwen", "qwen3"),
-    "gemma2": ("gemma_qlora", "gemma", "gemma"),
-    "phi3": ("phi3_qlora", "phi3", "phi3"),
+    model_type: (family_recipes("qlora").get(model_type), TOKENIZER_FOR.get(family.chat_template), family.chat_template)
+    for model_type, family in REGISTRY.items()
 }
 # Families whose template refuses system messages (Gemma 2's raises "System role not supported").
 NO_SYSTEM = {"gemma2"}
@@ -123,9 +122,8 @@ def _train(recipe_name: str, family: str, model_dir: Path, run_dir: Path) -> Run
     rows = write_chat_jsonl(data_path, ROWS, system=family not in NO_SYSTEM)
     recipe = config.resolve(recipe_name, [f"model.name={model_dir}", f"data.path={data_path}",
                                           f"train.output_dir={run_dir}", *OVERRIDES])
-    plan = machine.plan(recipe, machine.facts(), force_cpu=True)
-    bound = binding.bind(recipe, plan, run_dir)
-    session = runner.setup(recipe, plan, bound, run_dir, Console(quiet=True))
+    plan = machine.plan(recipe, machine.detect(), force_cpu=True)
+    session = runner.setup(prepare.prepare(recipe, plan, run_dir), Console(quiet=True))
     model = session.trainer.model
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     quant_before = _quant_constants(model)
@@ -138,6 +136,7 @@ def _train(recipe_name: str, family: str, model_dir: Path, run_dir: Path) -> Run
 def qlora_run(request, tiny_model_dir, tmp_path_factory) -> Run:
     family = request.param
     recipe = FAMILIES[family][0]
+    assert recipe is not None, f"family {family!r} has no qlora recipe in recipes/"
     return _train(recipe, family, tiny_model_dir(family), tmp_path_factory.mktemp(recipe) / "run")
 
 

@@ -30,13 +30,14 @@ import numpy as np
 import pytest
 import torch
 from fixtures.tiny_models import chat_rows, tiny_config
-from fixtures.tokenizers import GEMMA_CORPUS, assets_dir, load_tokenizer, phi3_reference_tokenizations
+from fixtures.real_tokenizers import GEMMA_CORPUS, assets_dir, load_tokenizer, phi3_reference_tokenizations
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.errors import UserError
 from fasttune.export import gguf_writer, quantize
 from fasttune.export.gguf_vocab import CONTROL, detect_pre_tokenizer, read_vocab
 from fasttune.export.gguf_writer import write_gguf
+from fasttune.families import FAMILIES as REGISTRY
 
 T = gguf.GGMLQuantizationType
 
@@ -51,7 +52,7 @@ OVERRIDES = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256}}
 # Families whose head_dim follows the hidden size (Qwen3 keeps 128, Gemma 2 256).
 HEAD_DIM_FROM_HIDDEN = ("llama", "mistral", "qwen2", "phi3")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+FAMILIES = tuple(REGISTRY)  # every registered family is exported (q8_0 below) and read back
 # The real tokenizer each family is exported with in the round-trip tests. Qwen3 shares Qwen 2's
 # vocabulary (tested there); its 151k tokens would add ~15 s, so Qwen3 runs with the small one.
 REAL_TOKENIZER = {"llama": "smollm2", "mistral": "mistral", "qwen2": "qwen", "phi3": "phi3", "gemma2": "gemma"}
@@ -205,6 +206,11 @@ def _check_tensor_table(reader, family: str, preset: str, result) -> None:
     planned = quantize.plan_types(preset, shapes, n_layers)
     assert {name: T(t.tensor_type) for name, t in found.items()} == {name: qtype for name, (qtype, _) in planned.items()}
     assert result.tensor_types == {name: T(t.tensor_type).name for name, t in found.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_has_its_expected_tensor_table(family):
+    assert family in BLOCK_TENSORS, f"family {family!r}: add the GGUF block tensors it must have to BLOCK_TENSORS here"
 
 
 # --------------------------------------------------------------------------------------------

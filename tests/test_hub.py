@@ -167,7 +167,7 @@ def test_uncached_hub_dataset_stops_at_once_with_the_fix(tmp_path):
 def cache_a_hub_model(hf_home, repo_id: str) -> None:
     """The layout huggingface_hub reads offline: hub/models--ORG--NAME/snapshots/REV/ and refs/main."""
     from fixtures.tiny_models import build_tiny_model
-    from fixtures.tokenizers import load_tokenizer
+    from fixtures.real_tokenizers import load_tokenizer
 
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
@@ -194,7 +194,7 @@ def test_a_model_in_the_hub_cache_still_loads(tmp_path, chat_file):
 
 def test_a_local_model_folder_never_asks_the_hub(tmp_path, chat_file):
     from fixtures.tiny_models import build_tiny_model
-    from fixtures.tokenizers import load_tokenizer
+    from fixtures.real_tokenizers import load_tokenizer
 
     folder = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "model")
     result, elapsed = fasttune_without_network("data", "inspect", str(chat_file), "--recipe", "demo", f"model.name={folder}",

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fasttune.data.tokenize import IGNORE, MaskRules, tokenize
 from fasttune.families.chat_templates import get_template
 from fixtures.spans import decoded_runs
-from fixtures.tokenizers import DEFAULT_TEMPLATE, load_tokenizer
+from fixtures.real_tokenizers import DEFAULT_TEMPLATE, load_tokenizer
 
 FAMILIES = ("smollm2", "llama3", "phi3")
 # Letters, digits, punctuation, accents and CJK; no "<", "|", "[" or "]", so no text spells a special

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from fasttune.errors import UserError
 from fasttune.export import merge
 from fixtures.tiny_models import build_tiny_model
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 
 TEXT = "The merged model must answer exactly as the adapter did."
 

@@ -31,7 +31,7 @@ from fasttune.export.modelfile import (
 )
 from fasttune.families.chat_templates import TEMPLATES, ChatTemplate
 from fixtures.go_template import GoTemplateError, render
-from fixtures.tokenizers import TOKENIZER_FOR, load_tokenizer
+from fixtures.real_tokenizers import TOKENIZER_FOR, load_tokenizer
 
 GGUF = "model-q4_k_m.gguf"
 

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from fasttune.bench.side import Meter
+from fasttune.side_by_side.side import Meter
 from fasttune.train.packed_rows import PackedRowsApart
 from fixtures.tiny_models import build_tiny_model
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 
 
 def packed_examples(vocab: int) -> list[dict]:
@@ -101,7 +101,7 @@ def test_a_packed_run_no_longer_shows_trls_cross_contamination_warning(tmp_path,
     from trl import SFTTrainer
 
     from fasttune import config, machine
-    from fasttune.binding import bind
+    from fasttune.prepare import prepare
     from fasttune.train import runner
     from fasttune.train.packed_rows import quiet_cross_contamination_warning
     from fixtures.tiny_models import write_chat_jsonl
@@ -113,17 +113,17 @@ def test_a_packed_run_no_longer_shows_trls_cross_contamination_warning(tmp_path,
                                              "train.per_device_train_batch_size=4", "train.max_length=512", "train.max_steps=1",
                                              "train.eval_strategy=no", "train.save_strategy=no", "train.warmup_steps=0"])
     plan = machine.plan(recipe, machine.MachineFacts(False, "CPU", None, False, "test", False), force_cpu=True)
-    bound = bind(recipe, plan, tmp_path / "run")
-    assert bound.sft.packing and plan.attention == "sdpa"
+    prepared = prepare(recipe, plan, tmp_path / "run")
+    assert prepared.configs.sft.packing and plan.attention == "sdpa"
     console = Console(record=True, width=200)
     with caplog.at_level(logging.WARNING):
-        session = runner.setup(recipe, plan, bound, tmp_path / "run", console)
+        session = runner.setup(prepared, console)
     assert isinstance(session.trainer.data_collator, PackedRowsApart)
     assert not trl_warned(caplog)
     assert "so packed rows never attend to each other" in console.export_text()  # fasttune's own note stays
 
     def build():
-        return SFTTrainer(model=session.trainer.model, args=bound.sft, train_dataset=Dataset.from_list(session.data.train),
+        return SFTTrainer(model=session.trainer.model, args=prepared.configs.sft, train_dataset=Dataset.from_list(session.data.train),
                           processing_class=session.tokenizer)
 
     caplog.clear()
@@ -131,6 +131,6 @@ def test_a_packed_run_no_longer_shows_trls_cross_contamination_warning(tmp_path,
         build()
     assert trl_warned(caplog), "TRL no longer says this: CROSS_CONTAMINATION needs updating"
     caplog.clear()
-    with caplog.at_level(logging.WARNING), quiet_cross_contamination_warning(bound.sft, "flex_attention"):
+    with caplog.at_level(logging.WARNING), quiet_cross_contamination_warning(prepared.configs.sft, "flex_attention"):
         build()  # an attention fasttune does not keep packed rows apart for: unaffected
     assert trl_warned(caplog)

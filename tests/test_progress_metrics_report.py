@@ -25,7 +25,8 @@ from transformers import (
 
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text
 from fasttune.report import installed_versions, plot_loss, training_summary, write_report
-from fasttune.train.metrics_log import MetricsLog, read_metrics
+from fasttune.report import read_metrics
+from fasttune.train.metrics_log import MetricsLog
 from fasttune.train.progress import RichProgress, use_rich_progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # PNG spec, section 5.2 (https://www.w3.org/TR/png-3/)

@@ -95,9 +95,9 @@ def test_every_sft_guide_parameter_is_settable(tmp_path):
     assert (sft.eval_steps, sft.save_steps, sft.save_total_limit, sft.logging_steps) == (9, 9, 2, 3)
     assert sft.packing and sft.load_best_model_at_end and sft.assistant_only_loss and sft.completion_only_loss
     assert sft.warmup_steps == 0.1 and sft.output_dir == str(tmp_path / "checkpoints")
-    from fasttune.train.runner import new_run_dir
+    from fasttune.run_folder import new_run_dir
 
-    assert new_run_dir(recipe) == tmp_path / "out"
+    assert new_run_dir(recipe.name, recipe.train.get("output_dir")) == tmp_path / "out"
     assert bound.logging_dir == str(tmp_path / "tb")
 
 
@@ -166,4 +166,4 @@ def test_cpu_runs_drop_16_bit_flags_and_say_so(tmp_path):
     cpu_plan = plan(recipe, CPU)
     bound = bind(recipe, cpu_plan, tmp_path)
     assert bound.sft.use_cpu and not bound.sft.bf16
-    assert any("train.bf16=true does not apply on the CPU" in note for note in cpu_plan.notes)
+    assert any("train.bf16=true does not apply on the CPU" in note for note in bound.notes)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_models import build_tiny_model, write_chat_jsonl
-from fixtures.tokenizers import load_tokenizer
+from fixtures.real_tokenizers import load_tokenizer
 from safetensors.torch import load_file
 
 from fasttune import cli

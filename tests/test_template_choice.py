@@ -1,6 +1,6 @@
 """`data.chat_template: auto` picks the training template that matches the tokenizer's own format."""
 import pytest
-from fixtures.tokenizers import load_tokenizer, original_templates
+from fixtures.real_tokenizers import load_tokenizer, original_templates
 
 from fasttune import config
 from fasttune.model.tokenizer import apply_policy, choose_template

@@ -15,7 +15,7 @@ from jinja2.exceptions import TemplateError
 from fasttune.families import FAMILIES
 from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template
 from fixtures.spans import decoded_runs
-from fixtures.tokenizers import TOKENIZER_FOR, load_tokenizer, original_templates, phi3_reference_tokenizations
+from fixtures.real_tokenizers import TOKENIZER_FOR, load_tokenizer, original_templates, phi3_reference_tokenizations
 
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}

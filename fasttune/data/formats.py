@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import typing
 
+from fasttune.config import DATA_FORMATS
 from fasttune.errors import Problem, UserError
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT role names (https://huggingface.co/datasets/mlabonne/FineTome-100k uses human/gpt/system).
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SHAPES = ("messages | conversations (ShareGPT) | instruction+output (Alpaca) | prompt+completion | text")
 SKIP_HINT = "or set data.on_bad_row=skip to drop them"
 
@@ -138,5 +138,5 @@ def convert(row: dict, fmt: str, system_prompt: typing.Optional[str] = None) -> 
         return {"prompt": _text(row, "prompt"), "completion": _text(row, "completion")}
     if fmt == "text":
         return {"text": _text(row, "text")}
-    raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    raise ValueError(f"unknown format {fmt!r} (known: {', '.join(DATA_FORMATS)})")
 

@@ -18,12 +18,11 @@ A template that is exactly ``{column}`` copies that column's value as it is, so
 """
 from __future__ import annotations
 
-import difflib
 import string
 import typing
 
 from fasttune.data.formats import SHAPES, BadRow, detect_shape
-from fasttune.errors import Problem, UserError
+from fasttune.errors import Problem, UserError, suggest
 
 TURNS = ("system", "user", "assistant")
 COLUMNS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text")
@@ -81,7 +80,7 @@ def compile_mapping(mapping: dict) -> tuple[dict[str, Template], list[Problem]]:
         value = _template_text(value)
         if key not in (*TURNS, *COLUMNS):
             problems.append(Problem(where, value, f"is not a column fasttune builds (keys: {', '.join((*TURNS, *COLUMNS))})",
-                                    _hint(str(key), (*TURNS, *COLUMNS)) or "use system/user/assistant, or the columns of one shape"))
+                                    suggest(str(key), (*TURNS, *COLUMNS)) or "use system/user/assistant, or the columns of one shape"))
             continue
         if not isinstance(value, str):
             problems.append(Problem(where, value, "must be a text template such as \"{Question}\"", "quote the template"))
@@ -121,7 +120,7 @@ def check_columns(templates: dict[str, Template], columns: typing.Iterable[str],
             if column not in columns:
                 problems.append(Problem(f"data.mapping.{key}", "{" + column + "}",
                                         f"column `{column}` is not in {source} (columns: {', '.join(columns)})",
-                                        _hint(column, columns) or "use one of the data's columns"))
+                                        suggest(column, columns) or "use one of the data's columns"))
     if problems:
         raise UserError(problems, "data.mapping does not fit the data")
 
@@ -135,8 +134,3 @@ def map_row(row: dict, templates: dict[str, Template]) -> dict:
     messages = [{"role": role, "content": values[role]} for role in TURNS
                 if role in values and (role != "system" or (isinstance(values[role], str) and values[role].strip()))]
     return {"messages": messages}
-
-
-def _hint(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else ""

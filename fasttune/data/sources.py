@@ -12,16 +12,10 @@ import os
 import typing
 from pathlib import Path
 
+from fasttune.config import source_paths
 from fasttune.errors import Problem, SourceUnavailable, UserError
 
-BUILTIN_PREFIX = "builtin:"
 FILE_KINDS = ".jsonl, .json, .csv, .parquet, a save_to_disk folder"
-
-
-def source_paths(spec: typing.Union[str, list, None]) -> list[str]:
-    """The sources named by ``data.path``: a list, or one string with commas between sources."""
-    items = spec if isinstance(spec, (list, tuple)) else str(spec or "").split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def load_rows(spec: typing.Union[str, list], split: str = "train") -> list[dict]:

@@ -52,7 +52,7 @@ def row_shape(row: dict) -> str:
     if "text" in row:
         return "text"
     raise UserError(Problem("data", sorted(row), "is not one of TRL's row shapes (messages | prompt+completion | text)",
-                            "convert the rows with fasttune.data.prepare first"))
+                            "convert the rows with fasttune.data.rows first"))
 
 
 def check_rules(shape: str, rules: MaskRules) -> None:
@@ -145,8 +145,10 @@ class Tokenized:
     dataset: object
     """datasets.Dataset: input_ids, labels (untruncated, as TRL's preparation has them before truncating)."""
     facts: object
-    """datasets.Dataset: length, trained, trained_kept per row (for :func:`report`)."""
+    """datasets.Dataset: length, trained, trained_kept per row (for :func:`measure`)."""
     shape: str
+    rules: MaskRules
+    """The SFTConfig fields the tokens and labels were made by."""
 
 
 def tokenize(rows: list[dict], tokenizer, rules: MaskRules, num_proc: int | None = None) -> Tokenized:
@@ -170,7 +172,7 @@ def tokenize(rows: list[dict], tokenizer, rules: MaskRules, num_proc: int | None
                         fn_kwargs={"tokenizer": tokenizer, "shape": shape, "rules": rules},
                         remove_columns=source.column_names, desc=None)
     return Tokenized(mapped.select_columns(["input_ids", "labels"]),
-                     mapped.select_columns(["length", "trained", "trained_kept"]), shape)
+                     mapped.select_columns(["length", "trained", "trained_kept"]), shape, rules)
 
 
 @dataclass
@@ -203,7 +205,7 @@ class TokenReport:
         return asdict(self)
 
 
-def report(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False, "")) -> TokenReport:
+def measure(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False, "")) -> TokenReport:
     import numpy as np
 
     lengths = np.asarray(tok.facts["length"], dtype=np.int64)
@@ -231,35 +233,3 @@ def report(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False,
         fully_masked={"count": len(masked), "rows": [int(i) for i in masked]},
         packing=stats,
     )
-
-
-# Attention implementations that TRL 1.14.2 lists as safe for padding-free packing
-# (FLASH_ATTENTION_VARIANTS in trl/trainer/sft_trainer.py, hub kernels left out).
-_FLASH = ("flash_attention_2", "flash_attention_3")
-
-
-def packing_decision(recipe, plan) -> tuple[bool, str]:
-    """Whether training should pack rows (TRL's padding-free BFD packing), and why.
-
-    A recipe that sets ``train.packing`` decides. Otherwise packing is correct wherever attention
-    keeps packed rows apart: flash-attention reads the ``position_ids`` TRL's padding-free collator
-    writes; sdpa and eager do too, because transformers 5.17 builds a per-row causal mask from
-    ``position_ids`` when there is no attention mask and no cache (``masking_utils``,
-    ``find_packed_sequence_indices``) and SFTTrainer.compute_loss calls the model with
-    ``use_cache=False`` (trl 1.14.2; checked on CPU by tests/test_packing.py).
-    """
-    train = recipe.train
-    if "packing" in train:
-        return bool(train["packing"]), "set by the recipe (train.packing)"
-    if "max_length" in train and train["max_length"] is None:
-        return False, "train.max_length is null: TRL packs into max_length bins and refuses packing without it"
-    if train.get("packing_strategy", "bfd") not in ("bfd", "bfd_split"):
-        return False, f"packing_strategy {train['packing_strategy']!r} cuts rows across boundaries; only bfd is padding-free"
-    if plan.backend == "unsloth":
-        return False, "Unsloth's patched attention is not checked by fasttune with packed rows; set train.packing=true to opt in"
-    if plan.attention in _FLASH:
-        return True, f"{plan.attention} keeps packed rows apart through position_ids (TRL's supported case)"
-    if plan.attention in ("sdpa", "eager"):
-        return True, (f"{plan.attention}: transformers builds a per-row causal mask from position_ids when training "
-                      "without a cache (SFTTrainer passes use_cache=False), so packed rows never attend to each other")
-    return False, f"attention {plan.attention!r} is not known to keep packed rows apart"

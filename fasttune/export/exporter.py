@@ -17,10 +17,8 @@ from rich.markup import escape
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
+from fasttune.gguf_types import BITS_PER_WEIGHT
 
-# Bits per weight of each GGUF type (block size included), for the disk estimate. The K-quant
-# mixes keep a few tensors at higher precision, so they are rounded up.
-BITS_PER_WEIGHT = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0, "q5_k_m": 5.8, "q6_k": 6.6}
 HEADROOM = 1.05
 MANIFEST = "fasttune-export.json"
 """Written into an --out folder other than the run's: the run exported there and the outputs written."""
@@ -59,8 +57,7 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     source = resolve_model_source(recipe.model.name)
     if card_info is None and (run_dir / "metrics.jsonl").is_file():
-        from fasttune.report import training_summary
-        from fasttune.train.metrics_log import read_metrics
+        from fasttune.report import read_metrics, training_summary
 
         card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
     merged_dir = out / "merged"
@@ -136,6 +133,8 @@ def claim_outputs(out: Path, run_dir: Path, recipe: Recipe, request: ExportReque
 
 
 def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str, tokenizer, console, primary: bool) -> list[Path]:
+    from fasttune.disk import gib
+    from fasttune.export.refusals import ExportRefused, system_prompt_problem
     from fasttune.export.gguf_writer import write_gguf
     from fasttune.export.modelfile import ollama_template, write_modelfile
 
@@ -149,7 +148,7 @@ def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str
                         chat_template=tokenizer.chat_template, add_bos=ollama_template(template).bos_from_runtime)
     for note in result.notes:
         console.print(f"[yellow]gguf[/] {escape(note)}")
-    console.print(f"[bold]gguf[/] {name}: {result.size_bytes / 2**20:,.1f} MiB in {result.seconds:.1f} s")
+    console.print(f"[bold]gguf[/] {name}: {gib(result.size_bytes)} in {result.seconds:.1f} s")
     system = recipe.data.system_prompt
     if system and not ollama_template(template).system:
         console.print(f"[yellow]modelfile[/] the {template.name} template has no system turn: data.system_prompt is not written to it")
@@ -157,9 +156,10 @@ def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str
     try:
         modelfile = write_modelfile(gguf_dir, name, template, system=system,
                                     name="Modelfile" if primary else f"Modelfile.{gguf_type}")
+    except ExportRefused:
+        raise
     except ValueError as err:
-        raise UserError(Problem("data.system_prompt", system, f"cannot go into an Ollama Modelfile: {err}",
-                                "remove the characters named, or export without a system prompt")) from None
+        raise UserError(system_prompt_problem(system, err)) from None
     return [result.path, modelfile]
 
 

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttune.export.refusals import ExportRefused, unknown_pre_tokenizer, unreadable_tokenizer
+
 # llama.cpp's token types (gguf.TokenType), spelled out so that this module imports without gguf.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -126,20 +128,14 @@ def read_vocab(model_dir: Path, n_vocab: int, *, tokenizer=None, pre_tokenizer: 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    bpe = backend.get("model") or {}
-    if bpe.get("type") != "BPE":
-        raise ValueError(
-            f"{model_dir}: tokenizer model {bpe.get('type')!r} is not supported; a GGUF export needs a BPE "
-            "tokenizer (byte-level like Llama 3 and Qwen, or SentencePiece-style like Mistral and Gemma)"
-        )
+    backend, byte_level, pre = check_tokenizer(tokenizer, pre_tokenizer, model_dir)
+    bpe = backend["model"]
     pieces: dict[str, int] = dict(bpe["vocab"])
     added = {entry["id"]: entry for entry in backend.get("added_tokens", [])}
     highest = max([*pieces.values(), *added])
     if highest >= n_vocab:
         raise ValueError(f"{model_dir}: the tokenizer has id {highest} but the model has only {n_vocab} embedding rows")
 
-    byte_level = _uses_byte_level(backend)
     merges = [_merge_text(merge) for merge in bpe.get("merges", [])]
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
@@ -162,13 +158,8 @@ def read_vocab(model_dir: Path, n_vocab: int, *, tokenizer=None, pre_tokenizer: 
             types[token_id] = USER_DEFINED
         tokens[token_id] = content
 
-    vocab = GGUFVocab(model="gpt2" if byte_level else "llama", pre="default", tokens=tokens, types=types,
-                      merges=merges)
-    if byte_level:
-        vocab.pre = pre_tokenizer or detect_pre_tokenizer(tokenizer, backend, model_dir)
-    else:
-        if pre_tokenizer:
-            vocab.pre = pre_tokenizer
+    vocab = GGUFVocab(model="gpt2" if byte_level else "llama", pre=pre, tokens=tokens, types=types, merges=merges)
+    if not byte_level:
         vocab.scores = _scores_from_merges(bpe.get("merges", []), tokens)
         vocab.add_space_prefix = _adds_space_prefix(backend)
 
@@ -187,8 +178,24 @@ def read_vocab(model_dir: Path, n_vocab: int, *, tokenizer=None, pre_tokenizer: 
     return vocab
 
 
+def check_tokenizer(tokenizer, pre_tokenizer: str | None = None, where: Path | str = "tokenizer") -> tuple[dict, bool, str]:
+    """``(backend, byte_level, pre)``: the tokenizer's ``tokenizer.json`` as a dict, whether it is a
+    byte-level BPE, and llama.cpp's pre-tokenizer name for it (``pre_tokenizer`` when given,
+    ``"default"`` for a SentencePiece-style vocabulary). :class:`ExportRefused` when llama.cpp could
+    not read it: not a BPE, or a byte-level pre-tokenizer it does not know by name."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = (backend.get("model") or {}).get("type")
+    if model != "BPE":
+        raise ExportRefused(unreadable_tokenizer(str(where), model), "cannot export to GGUF")
+    byte_level = _uses_byte_level(backend)
+    if pre_tokenizer:
+        return backend, byte_level, pre_tokenizer
+    return backend, byte_level, detect_pre_tokenizer(tokenizer, backend, where) if byte_level else "default"
+
+
 def detect_pre_tokenizer(tokenizer, backend: dict, where: Path | str = "tokenizer") -> str:
-    """llama.cpp's name for the byte-level pre-tokenizer of ``tokenizer``, or a ValueError."""
+    """llama.cpp's name for the byte-level pre-tokenizer of ``tokenizer``; :class:`ExportRefused`
+    (a ValueError) when it is none llama.cpp knows."""
     digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest()
     if digest in KNOWN_PRE_TOKENIZERS:
         return KNOWN_PRE_TOKENIZERS[digest]
@@ -202,11 +209,7 @@ def detect_pre_tokenizer(tokenizer, backend: dict, where: Path | str = "tokenize
     digits = any(step.get("type") == "Digits" and step.get("individual_digits") for step in steps)
     if digits and kinds[-1:] == ["ByteLevel"] and steps[-1].get("use_regex", True):
         return "smollm"
-    raise ValueError(
-        f"{where}: unknown byte-level BPE pre-tokenizer (probe digest {digest}); llama.cpp would split "
-        "text differently from this tokenizer. Pass pre_tokenizer=<llama.cpp name> if you know which one "
-        "it is (for example 'llama-bpe', 'qwen2', 'smollm')."
-    )
+    raise ExportRefused(unknown_pre_tokenizer(str(where), digest), "cannot export to GGUF")
 
 
 def _steps(node: dict | None) -> list[dict]:

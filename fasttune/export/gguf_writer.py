@@ -6,22 +6,15 @@ tokenizer and chat template inside (``gguf_vocab.py``). No llama.cpp checkout or
 involved: the ``gguf`` package (llama.cpp's own Python library) supplies the names, the file
 layout and the quantization tables; ``quantize.py`` picks and produces each tensor's type.
 
-What a converter has to know per architecture, as llama.cpp's ``convert_hf_to_gguf.py`` does it:
-
-* llama (Llama, Mistral, SmolLM2): llama.cpp rotates adjacent pairs of a head's dimensions
-  (0,1), (2,3)... while Hugging Face rotates dimension i with i + head_dim/2. The rows of
-  ``q_proj`` and ``k_proj`` are therefore reordered per head so that row i + head_dim/2 comes
-  right after row i (``_interleave_rope_rows``). Qwen 2/3, Phi-3 and Gemma 2 use llama.cpp's
-  "neox" rotation, which is Hugging Face's, and need no reordering.
-* Gemma 2: Hugging Face's RMSNorm multiplies by ``1 + weight``, llama.cpp's by ``weight``, so
-  every ``*norm.weight`` is written plus one. Its lm_head is the embedding (no ``output.weight``),
-  and it needs the two soft-capping values and the sliding window in the metadata.
-* Phi-3: the fused ``qkv_proj`` and ``gate_up_proj`` are written as they are (``attn_qkv``,
-  ``ffn_up`` with both halves); llama.cpp splits them at run time.
-* Qwen 2: q/k/v biases are ordinary tensors. Qwen 3: ``q_norm``/``k_norm`` become
-  ``attn_q_norm``/``attn_k_norm``.
-* Tied embeddings (Gemma, SmolLM2, small Qwen and Llama 3.2): no ``output.weight``; llama.cpp
-  then reuses ``token_embd``.
+What a converter has to know per architecture (as llama.cpp's ``convert_hf_to_gguf.py`` knows it)
+is declared by the model's family, ``fasttune.families.get_family(config.model_type)``: llama.cpp's
+architecture name, whether the q/k rows are reordered for llama.cpp's RoPE
+(``_interleave_rope_rows``), whether norms are written plus one, and which extra metadata keys
+llama.cpp reads (``_EXTRA_METADATA`` computes each). How to convert is here; the rest follows from
+the checkpoint itself: tensor names from gguf's table (Phi-3's fused ``qkv_proj``/``gate_up_proj``
+and Qwen's biases and ``q_norm``/``k_norm`` included), RoPE scaling from its parameters, and tied
+embeddings (no ``lm_head.weight``, or ``tie_word_embeddings``): no ``output.weight``, llama.cpp
+then reuses ``token_embd``.
 
 The file is written to a hidden temporary name beside ``out_path`` and renamed at the end, so an
 interrupted export never leaves a file that looks finished. Tensor data is streamed: the tensor
@@ -43,11 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from fasttune.atomic_io import atomic_file
+from fasttune.errors import Problem
 from fasttune.export import quantize
+from fasttune.export.refusals import NO_GGUF, ExportRefused, no_gguf_export
 from fasttune.export.gguf_vocab import GGUFVocab, read_vocab
-
-# Hugging Face config.model_type -> llama.cpp architecture (also in fasttune/families/*.py).
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+from fasttune.families import FAMILIES, Family
 
 # Tensors a checkpoint may carry that are not weights (buffers some older exports saved).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -89,26 +82,25 @@ def write_gguf(model_dir: Path, out_path: Path, preset: str = "q8_0", *, pre_tok
     ``chat_template`` the tokenizer's template, ``add_bos`` whether runtimes prepend BOS (default:
     what the tokenizer does when encoding; an export passes what the training template did, so
     llama.cpp and Ollama prompts start the way training rows did). ``progress(done, total, tensor_name)`` is called
-    after each tensor is written. Raises ``UserError`` when the disk lacks room for the file.
+    after each tensor is written. Raises ``UserError`` when the disk lacks room for the file, and
+    :class:`~fasttune.export.refusals.ExportRefused` (a UserError) for a preset, model or tokenizer
+    it cannot write.
     """
     import gguf
 
     started = time.monotonic()
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if preset not in quantize.PRESETS:
-        raise ValueError(f"unknown GGUF preset {preset!r}; known: {', '.join(quantize.PRESETS)}")
+    quantize.check_preset(preset)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"{model_dir}: model_type {model_type!r} has no GGUF export; supported: {', '.join(SUPPORTED)}")
-    from fasttune.families import get_family
-
-    arch_name = get_family(model_type).gguf_arch
-    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None or family.gguf_arch is None:
+        raise ExportRefused(no_gguf_export(str(model_dir / "config.json"), config.get("model_type")), "cannot export to GGUF")
+    arch_name = family.gguf_arch
+    arch = gguf_arch(arch_name)
     n_layers = config["num_hidden_layers"]
     notes: list[str] = []
 
-    tensors = _plan_tensors(model_dir, config, arch, arch_name, notes)
+    tensors = _plan_tensors(model_dir, config, family, arch, notes)
     plan = quantize.plan_types(preset, [(t.name, t.shape) for t in tensors], n_layers)
     for tensor in tensors:
         tensor.qtype, note = plan[tensor.name]
@@ -122,7 +114,7 @@ def write_gguf(model_dir: Path, out_path: Path, preset: str = "q8_0", *, pre_tok
     _check_disk(out_path, tensors, vocab)
 
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
-    _write_metadata(writer, config, arch_name, model_dir, quantize.file_type(preset), notes)
+    _write_metadata(writer, config, family, model_dir, quantize.file_type(preset), notes)
     vocab.write_to(writer)
     for tensor in tensors:
         # The info block is written before any data: shapes, types and byte sizes are known from
@@ -149,11 +141,21 @@ def write_gguf(model_dir: Path, out_path: Path, preset: str = "q8_0", *, pre_tok
     )
 
 
+def gguf_arch(arch_name: str):
+    """gguf's ``MODEL_ARCH`` for llama.cpp's architecture name (a family declares the name)."""
+    import gguf
+
+    arch = next((key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name), None)
+    if arch is None:  # fasttune's own mistake: a family in fasttune/families names one gguf does not have
+        raise ValueError(f"the gguf package has no architecture {arch_name!r}")
+    return arch
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensors
 
 
-def _plan_tensors(model_dir: Path, config: dict, arch, arch_name: str, notes: list[str]) -> list[_Planned]:
+def _plan_tensors(model_dir: Path, config: dict, family: Family, arch, notes: list[str]) -> list[_Planned]:
     """Every output tensor with its GGUF name, shape and a loader that applies the conversions."""
     import gguf
     from safetensors import safe_open
@@ -174,11 +176,13 @@ def _plan_tensors(model_dir: Path, config: dict, arch, arch_name: str, notes: li
                     continue
                 gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
-                    raise ValueError(f"{model_dir}: tensor {hf_name!r} has no {arch_name} GGUF name")
-                transform = _transform_for(arch_name, hf_name, n_head, n_kv_head)
+                    raise ExportRefused(Problem(str(model_dir), hf_name, f"this tensor has no name in llama.cpp's {family.gguf_arch} "
+                                                "architecture: the checkpoint is a variant llama.cpp does not run",
+                                                NO_GGUF), "cannot export to GGUF")
+                transform = _transform_for(family, hf_name, n_head, n_kv_head)
                 shape = tuple(handle.get_slice(hf_name).get_shape())
                 planned.append(_Planned(gguf_name, shape, _loader(file, hf_name, transform)))
-    planned += _generated_tensors(config, arch_name, notes)
+    planned += _generated_tensors(config, model_dir)
     return sorted(planned, key=lambda t: _tensor_order(t.name))
 
 
@@ -209,15 +213,15 @@ def _loader(file: Path, hf_name: str, transform) -> Callable[[], np.ndarray]:
     return load
 
 
-def _transform_for(arch_name: str, hf_name: str, n_head: int, n_kv_head: int):
+def _transform_for(family: Family, hf_name: str, n_head: int, n_kv_head: int):
     """The value/layout change llama.cpp expects for this tensor, or None."""
-    if arch_name == "llama":
+    if family.gguf_interleave_qk_rows:
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             return lambda w: _interleave_rope_rows(w, n_head)
         if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             return lambda w: _interleave_rope_rows(w, n_kv_head)
-    if arch_name == "gemma2" and hf_name.endswith("norm.weight"):
-        # Gemma's RMSNorm computes x * (1 + w); llama.cpp's computes x * w.
+    if family.gguf_norm_plus_one and hf_name.endswith("norm.weight"):
+        # The family's RMSNorm computes x * (1 + w); llama.cpp's computes x * w.
         return lambda w: w + np.float32(1.0)
     return None
 
@@ -235,7 +239,7 @@ def _interleave_rope_rows(weights: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(split.swapaxes(1, 2).reshape(weights.shape))
 
 
-def _generated_tensors(config: dict, arch_name: str, notes: list[str]) -> list[_Planned]:
+def _generated_tensors(config: dict, model_dir: Path) -> list[_Planned]:
     """Tensors llama.cpp needs that the checkpoint does not store: RoPE frequency factors."""
     rope = _rope_parameters(config)
     rope_type = (rope.get("rope_type") or rope.get("type") or "default").lower()
@@ -248,7 +252,9 @@ def _generated_tensors(config: dict, arch_name: str, notes: list[str]) -> list[_
         short_f = np.asarray(rope["short_factor"], dtype=np.float32)
         rope_dims = int(rope.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // config["num_attention_heads"]
         if long_f.shape != (rope_dims // 2,) or short_f.shape != long_f.shape:
-            raise ValueError(f"longrope factors must have {rope_dims // 2} entries each")
+            raise ExportRefused(Problem(str(model_dir / "config.json"), f"{long_f.shape[0]} and {short_f.shape[0]} entries",
+                                        f"longrope's long_factor and short_factor must have {rope_dims // 2} entries each",
+                                        "fix the checkpoint's rope_scaling, or " + NO_GGUF), "cannot export to GGUF")
         return [_Planned("rope_factors_long.weight", long_f.shape, lambda: long_f),
                 _Planned("rope_factors_short.weight", short_f.shape, lambda: short_f)]
     return []
@@ -301,8 +307,38 @@ def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _write_metadata(writer, config: dict, arch_name: str, model_dir: Path, file_type, notes: list[str]) -> None:
-    """The ``general.*`` and ``<arch>.*`` keys: sizes, attention, RoPE, norms, per-family extras."""
+def _rope_dimension_count(writer, config: dict, rope: dict) -> None:
+    # The rotated dimensions of a head: all of head_dim, or partial_rotary_factor of it (Phi-3 style).
+    # Computed as llama.cpp's converter does for Phi-3, int(factor * n_head * head_dim) // n_head,
+    # so that the rounding agrees.
+    n_head = config["num_attention_heads"]
+    writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * n_head * _head_dim(config)) // n_head)
+
+
+def _softcapping(key: str):
+    def add(writer, config: dict, rope: dict) -> None:
+        if config.get(key) is not None:
+            getattr(writer, f"add_{key}")(float(config[key]))
+
+    return add
+
+
+# Family.gguf_metadata name -> how that key's value comes from config.json (and its RoPE parameters).
+_EXTRA_METADATA = {
+    "vocab_size": lambda writer, config, rope: writer.add_vocab_size(config["vocab_size"]),
+    "rope_dimension_count": _rope_dimension_count,
+    "rope_scaling_orig_ctx_len": lambda writer, config, rope: writer.add_rope_scaling_orig_ctx_len(
+        config.get("original_max_position_embeddings") or config["max_position_embeddings"]),
+    # 0 when the checkpoint has none: llama.cpp tells Phi-4-style sliding-window checkpoints from
+    # Phi-3 by a non-zero value (Gemma 2 checkpoints always have one).
+    "sliding_window": lambda writer, config, rope: writer.add_sliding_window(config.get("sliding_window") or 0),
+    "attn_logit_softcapping": _softcapping("attn_logit_softcapping"),
+    "final_logit_softcapping": _softcapping("final_logit_softcapping"),
+}
+
+
+def _write_metadata(writer, config: dict, family: Family, model_dir: Path, file_type, notes: list[str]) -> None:
+    """The ``general.*`` and ``<arch>.*`` keys: sizes, attention, RoPE, norms, the family's extras."""
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -325,32 +361,18 @@ def _write_metadata(writer, config: dict, arch_name: str, model_dir: Path, file_
     rope = _rope_parameters(config)
     if "rope_theta" in rope:
         writer.add_rope_freq_base(float(rope["rope_theta"]))
-    _write_rope_scaling(writer, rope, config)
+    _write_rope_scaling(writer, rope, config, model_dir)
+    for name in family.gguf_metadata:
+        _EXTRA_METADATA[name](writer, config, rope)
 
-    if arch_name == "llama":
-        writer.add_vocab_size(config["vocab_size"])
-        writer.add_rope_dimension_count(head_dim)
-    elif arch_name == "phi3":
-        rotary = int(rope.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // n_head
-        writer.add_rope_dimension_count(rotary)
-        writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
-                                             or config["max_position_embeddings"])
-        # llama.cpp tells Phi-4-style sliding-window checkpoints from Phi-3 by a non-zero value.
-        writer.add_sliding_window(config.get("sliding_window") or 0)
-    elif arch_name == "gemma2":
-        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
-                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
-            if config.get(key) is not None:
-                add(float(config[key]))
-        if config.get("sliding_window"):
-            writer.add_sliding_window(config["sliding_window"])
-        scalar = config.get("query_pre_attn_scalar", head_dim)
-        if scalar not in (head_dim, config["hidden_size"] // n_head):
-            notes.append(f"gemma2: query_pre_attn_scalar={scalar} is neither head_dim nor hidden/heads; "
-                         "llama.cpp scales queries by one of those, so its attention will differ")
+    # Gemma 2 scales queries by query_pre_attn_scalar ** -0.5; llama.cpp by head_dim's or hidden/heads'.
+    scalar = config.get("query_pre_attn_scalar", head_dim)
+    if scalar not in (head_dim, config["hidden_size"] // n_head):
+        notes.append(f"{config['model_type']}: query_pre_attn_scalar={scalar} is neither head_dim nor hidden/heads; "
+                     "llama.cpp scales queries by one of those, so its attention will differ")
 
 
-def _write_rope_scaling(writer, rope: dict, config: dict) -> None:
+def _write_rope_scaling(writer, rope: dict, config: dict, model_dir: Path) -> None:
     import gguf
 
     rope_type = (rope.get("rope_type") or rope.get("type") or "default").lower()
@@ -371,7 +393,9 @@ def _write_rope_scaling(writer, rope: dict, config: dict) -> None:
         attn_factor = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
         writer.add_rope_scaling_attn_factors(attn_factor)
     else:
-        raise ValueError(f"RoPE scaling type {rope_type!r} has no GGUF equivalent in this exporter")
+        raise ExportRefused(Problem(str(model_dir / "config.json"), rope_type, "this RoPE scaling type has no GGUF equivalent "
+                                    "in fasttune's exporter (it writes default, linear, llama3, yarn and longrope)",
+                                    NO_GGUF), "cannot export to GGUF")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,4 +412,4 @@ def _check_disk(out_path: Path, tensors: list[_Planned], vocab: GGUFVocab) -> No
                  "free that much on that disk, or write the GGUF to another folder", "not enough disk space for the GGUF export")
 
 
-__all__ = ["GGUFResult", "SUPPORTED", "write_gguf"]
+__all__ = ["GGUFResult", "write_gguf"]

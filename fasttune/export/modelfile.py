@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttune.atomic_io import atomic_file
+from fasttune.export.refusals import NoOllamaTemplate, no_ollama_template
 from fasttune.families.chat_templates import ChatTemplate
 
 MODELFILE_NAME = "Modelfile"
@@ -191,12 +192,12 @@ You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
 
 
 def ollama_template(template: ChatTemplate) -> OllamaTemplate:
-    """The Go counterpart of ``template``; ``KeyError`` if fasttune has none."""
+    """The Go counterpart of ``template``; :class:`~fasttune.export.refusals.NoOllamaTemplate` (a
+    UserError and a KeyError) if fasttune has none."""
     try:
         return OLLAMA_TEMPLATES[template.name]
     except KeyError:
-        raise KeyError(f"no Ollama template for chat template {template.name!r}; known: "
-                       f"{', '.join(sorted(OLLAMA_TEMPLATES))} (add one in fasttune/export/modelfile.py)") from None
+        raise NoOllamaTemplate(no_ollama_template(template.name, OLLAMA_TEMPLATES), "cannot write the Modelfile") from None
 
 
 def go_template(template: ChatTemplate) -> str:
@@ -267,11 +268,16 @@ def _check_chars(what: str, value: str, newlines: bool) -> None:
                          f"{', '.join(repr(c) for c in bad)}; remove {'them' if len(bad) > 1 else 'it'}")
 
 
-def _block_value(what: str, value: str) -> str:
-    """``value`` in triple quotes, spaces and newlines kept exactly."""
+def check_block_value(what: str, value: str) -> None:
+    """``ValueError`` when ``value`` cannot be a triple-quoted Modelfile value (``TEMPLATE``, ``SYSTEM``)."""
     _check_chars(what, value, newlines=True)
     if '"""' in value:
         raise ValueError(f'{what} contains """, which ends a Modelfile triple-quoted value early')
+
+
+def _block_value(what: str, value: str) -> str:
+    """``value`` in triple quotes, spaces and newlines kept exactly."""
+    check_block_value(what, value)
     return f'"""{value}"""'
 
 

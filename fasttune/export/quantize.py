@@ -43,21 +43,22 @@ import gguf
 import numpy as np
 
 from fasttune.export import kquants
+from fasttune.export.refusals import ExportRefused, unknown_gguf_type
 
 T = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
 
-PRESETS: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
-
-_DEFAULT_TYPE = {
-    "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0,
-    "q4_k_m": T.Q4_K, "q5_k_m": T.Q5_K, "q6_k": T.Q6_K,
-}
-
-_FILE_TYPE = {
-    "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-    "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+# Each GGUF type fasttune offers (the names are fasttune.gguf_types.GGUF_TYPES, a test checks that
+# they agree) -> (the type of its ordinary 2-D weights, its ``general.file_type``).
+PRESETS: dict[str, tuple[T, F]] = {
+    "f32": (T.F32, F.ALL_F32),
+    "f16": (T.F16, F.MOSTLY_F16),
+    "bf16": (T.BF16, F.MOSTLY_BF16),
+    "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
+    "q4_0": (T.Q4_0, F.MOSTLY_Q4_0),
+    "q4_k_m": (T.Q4_K, F.MOSTLY_Q4_K_M),
+    "q5_k_m": (T.Q5_K, F.MOSTLY_Q5_K_M),
+    "q6_k": (T.Q6_K, F.MOSTLY_Q6_K),
 }
 
 _KQUANTS = {T.Q4_K: "Q4_K", T.Q5_K: "Q5_K", T.Q6_K: "Q6_K"}
@@ -72,15 +73,16 @@ _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
-def _check_preset(preset: str) -> None:
-    if preset not in _DEFAULT_TYPE:
-        raise ValueError(f"unknown GGUF preset {preset!r}; choose one of {', '.join(PRESETS)}")
+def check_preset(preset: str) -> None:
+    """:class:`~fasttune.export.refusals.ExportRefused` (a UserError and a ValueError) for a name that is no preset."""
+    if preset not in PRESETS:
+        raise ExportRefused(unknown_gguf_type(preset), "cannot export to GGUF")
 
 
 def file_type(preset: str) -> gguf.LlamaFileType:
     """The ``general.file_type`` value for a preset (e.g. ``MOSTLY_Q4_K_M`` for "q4_k_m")."""
-    _check_preset(preset)
-    return _FILE_TYPE[preset]
+    check_preset(preset)
+    return PRESETS[preset][1]
 
 
 def quantize(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -137,7 +139,7 @@ def _layer_of(name: str) -> int:
 
 def _choose(preset: str, name: str, cols: int, n_layers: int, tied: bool) -> tuple[T, str | None]:
     """The type llama.cpp's mixture gives a quantizable tensor, before the generic shape fallback."""
-    default = _DEFAULT_TYPE[preset]
+    default = PRESETS[preset][0]
     cat = _category(name)
     if cat == "output" or (tied and cat == "token_embd"):
         if cols % gguf.GGML_QUANT_SIZES[default][0] != 0:
@@ -186,10 +188,10 @@ def plan_types(preset: str, tensors: list[tuple[str, tuple[int, ...]]], n_layers
     Notes are only set when the rules wanted one type and the shape forced another, e.g.
     ``"blk.0.attn_k.weight: row length 64 is not a multiple of 256; Q4_K -> Q5_0 (as llama.cpp does)"``.
     """
-    _check_preset(preset)
+    check_preset(preset)
     names = [name for name, _ in tensors]
     tied = "output.weight" not in names
-    default = _DEFAULT_TYPE[preset]
+    default = PRESETS[preset][0]
     plan: dict[str, tuple[T, str | None]] = {}
     for name, shape in tensors:
         shape = tuple(int(s) for s in shape)

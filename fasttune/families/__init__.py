@@ -1,12 +1,30 @@
-"""The registry of model families, keyed by Hugging Face ``model_type`` (torch-free)."""
+"""The registry of model families, keyed by Hugging Face ``model_type`` (torch-free).
+
+Every module of this package that defines ``FAMILY`` is a family: adding one is adding its module
+(and its recipes), with no list to update here. The modules hold only a ``Family`` record, so
+importing them all costs a few milliseconds and no heavy library.
+"""
 from __future__ import annotations
 
-from fasttune.families import gemma2, llama, mistral, phi3, qwen2, qwen3
+import importlib
+import pkgutil
+
 from fasttune.families.base import Family
 
-FAMILIES: dict[str, Family] = {
-    module.FAMILY.model_type: module.FAMILY for module in (llama, mistral, qwen2, qwen3, gemma2, phi3)
-}
+
+def _discover() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        family = getattr(importlib.import_module(f"{__name__}.{module_info.name}"), "FAMILY", None)
+        if family is None:
+            continue
+        if family.model_type in found:
+            raise RuntimeError(f"two family modules declare model_type {family.model_type!r}")
+        found[family.model_type] = family
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 
 
 def get_family(model_type: str) -> Family:

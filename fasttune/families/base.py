@@ -1,8 +1,8 @@
 """What a model family is: the facts that differ per Hugging Face ``model_type``.
 
-A family holds facts (LoRA targets, chat template, pad policy, Unsloth support, GGUF
-architecture); settings live in recipes. Adding a family is one module in this package plus its
-recipe files.
+A family holds facts (LoRA targets, chat template, pad policy, Unsloth support, and what a GGUF
+export must know about it); settings live in recipes. Adding a family is one module in this package
+(defining ``FAMILY``; the registry finds it) plus its recipe files.
 """
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ class Family:
 
     model_type: str
     """``config.model_type`` of the checkpoints this family covers (e.g. ``"mistral"``)."""
-    display_name: str
-    """Human name for tables (e.g. ``"Mistral"``)."""
     chat_template: str
     """Name of the default training chat template (a ``.jinja`` in ``families/templates``)."""
     target_modules: tuple[str, ...]
@@ -29,7 +27,18 @@ class Family:
     """Tokens to pad with, in order of preference. Never the end-of-turn token: that one is trained."""
     unsloth: bool
     """Whether Unsloth's ``FastLanguageModel`` supports this family."""
-    gguf_arch: str
-    """llama.cpp's architecture name (``general.architecture`` in a GGUF file)."""
-    trust_remote_code: bool = False
-    """Whether checkpoints of this family need custom code (none of the shipped ones do)."""
+    gguf_arch: str | None = None
+    """llama.cpp's architecture name (``general.architecture`` in a GGUF file); ``None``: the family
+    has no GGUF export (a recipe asking for one is refused before training)."""
+    gguf_interleave_qk_rows: bool = False
+    """Whether the rows of ``q_proj``/``k_proj`` are reordered per head on export. llama.cpp's RoPE
+    for this architecture rotates adjacent pairs of a head's dimensions (0,1), (2,3)... while
+    Hugging Face rotates dimension i with i + head_dim/2; architectures on llama.cpp's "neox"
+    rotation (Hugging Face's) need no reordering (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    gguf_norm_plus_one: bool = False
+    """Whether every ``*norm.weight`` is written plus one: this family's Hugging Face RMSNorm
+    multiplies by ``1 + weight``, llama.cpp's by ``weight``."""
+    gguf_metadata: tuple[str, ...] = ()
+    """The ``<arch>.*`` keys llama.cpp reads for this architecture beyond those every decoder has,
+    named after ``gguf.GGUFWriter.add_<name>``; the export station computes each from config.json
+    (``fasttune/export/gguf_writer.py``, ``_EXTRA_METADATA``)."""

@@ -3,7 +3,6 @@ from fasttune.families.base import LLAMA_STYLE_TARGETS, Family
 
 FAMILY = Family(
     model_type="llama",
-    display_name="Llama 3 / SmolLM2",
     chat_template="llama3",
     target_modules=LLAMA_STYLE_TARGETS,
     # Llama 3.1+ reserves <|finetune_right_pad_id|> (id 128004) for padding; SmolLM2 has
@@ -11,4 +10,7 @@ FAMILY = Family(
     pad_candidates=("<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>"),
     unsloth=True,
     gguf_arch="llama",
+    gguf_interleave_qk_rows=True,
+    # What llama.cpp's convert_hf_to_gguf.py (LlamaModel) writes besides the common keys.
+    gguf_metadata=("vocab_size", "rope_dimension_count"),
 )

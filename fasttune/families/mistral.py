@@ -3,7 +3,6 @@ from fasttune.families.base import LLAMA_STYLE_TARGETS, Family
 
 FAMILY = Family(
     model_type="mistral",
-    display_name="Mistral",
     chat_template="mistral",
     target_modules=LLAMA_STYLE_TARGETS,
     # Mistral's SentencePiece vocabularies have no pad token; <unk> (id 0) is never produced by
@@ -12,4 +11,6 @@ FAMILY = Family(
     unsloth=True,
     # llama.cpp's convert_hf_to_gguf.py writes Mistral checkpoints with the llama architecture.
     gguf_arch="llama",
+    gguf_interleave_qk_rows=True,
+    gguf_metadata=("vocab_size", "rope_dimension_count"),
 )

@@ -3,7 +3,6 @@ from fasttune.families.base import Family
 
 FAMILY = Family(
     model_type="phi3",
-    display_name="Phi-3",
     chat_template="phi3",
     # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (transformers'
     # modeling_phi3.py), so LoRA targets the four projections that exist.
@@ -14,4 +13,8 @@ FAMILY = Family(
     # separate q/k/v and gate/up projections, which native phi3 checkpoints do not have.
     unsloth=False,
     gguf_arch="phi3",
+    # The fused qkv_proj and gate_up_proj are written as they are (attn_qkv, ffn_up with both
+    # halves); llama.cpp splits them at run time. The RoPE dimensions follow partial_rotary_factor,
+    # and a non-zero sliding window is how llama.cpp tells Phi-4-style checkpoints from Phi-3.
+    gguf_metadata=("rope_dimension_count", "rope_scaling_orig_ctx_len", "sliding_window"),
 )

@@ -24,9 +24,10 @@ import warnings
 from pathlib import Path
 
 from fasttune.errors import Problem, UserError
+from fasttune import machine
 from fasttune.families import FAMILIES
+from fasttune.families.base import LLAMA_STYLE_TARGETS
 from fasttune.model.backends import Engine, import_unsloth
-from fasttune.model.fast_path import FUSED_TARGETS, fast_path_losses
 
 BACKENDS = ("auto", "unsloth", "hf")
 _ENGINE_ATTRIBUTE = "_fasttune_engine"
@@ -46,15 +47,14 @@ class FastLanguageModel:
         if kwargs:
             raise UserError(Problem("from_pretrained", sorted(kwargs), "are not arguments fasttune understands",
                                     "remove them (see help(fasttune.FastLanguageModel.from_pretrained))"))
-        from fasttune import machine
         from fasttune.model.source import resolve_model_source
 
         source = resolve_model_source(model_name)
         model_type = _model_type(source, revision, token)
         family = FAMILIES.get(model_type)
-        found = machine.facts()
-        chosen, reason = machine.choose_backend(backend, "backend", on_gpu=found.cuda, cuda=found.cuda,
-                                                unsloth_installed=found.unsloth_installed, family=family,
+        facts = machine.detect()
+        chosen, reason = machine.choose_backend(backend, "backend", on_gpu=facts.cuda, cuda=facts.cuda,
+                                                unsloth_installed=facts.unsloth_installed, family=family,
                                                 full=full_finetuning)
         if chosen == "unsloth":
             late = [name for name in ("transformers", "trl", "peft") if name in sys.modules and "unsloth" not in sys.modules]
@@ -64,8 +64,8 @@ class FastLanguageModel:
             elif late:
                 warnings.warn(f"{', '.join(late)} imported before Unsloth: import fasttune first so Unsloth can patch them",
                               stacklevel=2)
-        dtype_name, dtype_reason = _dtype(dtype, found)
-        device = "cuda" if found.cuda else "cpu"
+        dtype_name, dtype_reason = _dtype(dtype, facts)
+        device = "cuda" if facts.cuda else "cpu"
         if chosen == "unsloth":
             from fasttune.model.backends import unsloth
 
@@ -73,12 +73,12 @@ class FastLanguageModel:
                                                  load_in_4bit=load_in_4bit and not full_finetuning, revision=revision,
                                                  trust_remote_code=trust_remote_code, token=token,
                                                  full_finetuning=full_finetuning)
-            engine = Engine("unsloth", reason, dtype_name, "unsloth", found.device_name, dtype_reason=dtype_reason)
+            engine = Engine("unsloth", reason, dtype_name, "unsloth", facts.device_name, dtype_reason=dtype_reason)
         else:
             model, tokenizer, kernels, attention = _load_hf(
                 source, max_seq_length, dtype_name, device, load_in_4bit and not full_finetuning, token, device_map,
                 trust_remote_code, revision, attn_implementation or "sdpa", family)
-            engine = Engine("hf", reason, dtype_name, attention, found.device_name, kernels=kernels,
+            engine = Engine("hf", reason, dtype_name, attention, facts.device_name, kernels=kernels,
                             dtype_reason=dtype_reason)
         setattr(model, _ENGINE_ATTRIBUTE, engine)
         print(f"fasttune: {engine.describe()}")
@@ -95,7 +95,7 @@ class FastLanguageModel:
         if engine.backend == "unsloth":
             from fasttune.model.backends import unsloth
 
-            losses = fast_path_losses(target_modules, lora_dropout, bias, engine.dtype) if engine.device != "CPU" else []
+            losses = machine.fast_path_losses(target_modules, lora_dropout, bias, engine.dtype) if engine.device != "CPU" else []
             for loss in losses:  # (Unsloth's CPU fallback has no fused kernels to lose)
                 warnings.warn(f"Unsloth's fused fast path will be skipped: {loss}", stacklevel=2)
             model, engine.fast_path = unsloth.attach_lora(
@@ -159,12 +159,10 @@ def _model_type(source: str, revision: str | None, token: str | None) -> str | N
     return json.loads(path.read_text(encoding="utf-8")).get("model_type")
 
 
-def _dtype(dtype, found) -> tuple[str, str]:
+def _dtype(dtype, facts) -> tuple[str, str]:
     """The compute dtype's name: as given, else what the device dictates (fasttune.machine.device_dtype)."""
-    from fasttune.machine import device_dtype
-
     if dtype is None:
-        return device_dtype(found, on_gpu=found.cuda)
+        return machine.device_dtype(facts, on_gpu=facts.cuda)
     name = str(dtype).removeprefix("torch.")
     if name not in ("bfloat16", "float16", "float32"):
         raise UserError(Problem("dtype", dtype, "must be torch.bfloat16, torch.float16, torch.float32 or None",
@@ -204,7 +202,7 @@ def _load_hf(source, max_seq_length, dtype, device, load_in_4bit, token, device_
 def _default_targets(model) -> list[str]:
     """All seven projections where the model has them (Unsloth's default), else the family's own."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [name for name in FUSED_TARGETS if name in leaves]
+    targets = [name for name in LLAMA_STYLE_TARGETS if name in leaves]
     if targets:
         return targets
     family = FAMILIES.get(getattr(model.config, "model_type", None))

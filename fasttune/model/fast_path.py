@@ -1,4 +1,4 @@
-"""Did Unsloth take its fused LoRA fast path, and which settings would make it not?
+"""Did Unsloth take its fused LoRA fast path? Read from what it logged.
 
 Unsloth's ``get_peft_model`` swaps the forward of each decoder layer's attention (q/k/v and o)
 and MLP for fused LoRA kernels when it can, and logs one summary line, "Unsloth <version>
@@ -6,23 +6,19 @@ patched N layers with N QKV layers, N O layers and N MLP layers." (through the
 ``unsloth_zoo.log`` logger; unsloth 2026.10.9). :func:`capture_summary` records that line while
 ``get_peft_model`` runs; :func:`parse_summary` reads the counts. Zero counts mean the slow path:
 training still works, at roughly half the speed. Unsloth's CPU fallback patches nothing and logs
-no summary: its counts are ``None``.
-
-:func:`fast_path_losses` names, before any weights load, the recipe settings that make Unsloth
-skip the kernels, so the user can fix them rather than find out from a slow run.
+no summary: its counts are ``None``. (The settings that cost the fast path are named before
+anything loads, by fasttune.machine.fast_path_losses.)
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 SUMMARY = re.compile(r"patched (\d+) layers with (\d+) QKV layers, (\d+) O layers and (\d+) MLP layers")
 UNSLOTH_LOGGER = "unsloth_zoo.log"
-FUSED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -89,21 +85,3 @@ def report_from_messages(messages: Sequence[str], cpu_fallback: bool) -> FastPat
     if cpu_fallback:
         return FastPathReport(None, None, None, None, "Unsloth's CPU fallback: stock PEFT, no fused kernels")
     return FastPathReport(None, None, None, None, "Unsloth logged no patch summary")
-
-
-def fast_path_losses(target_modules: Collection[str] | str | None, lora_dropout: float, bias: str, dtype: str) -> list[str]:
-    """The settings that make Unsloth skip its fused kernels, each as ``key=value: why``."""
-    losses = []
-    if target_modules is not None and not isinstance(target_modules, str):
-        missing = [name for name in FUSED_TARGETS if name not in target_modules]
-        if missing:
-            losses.append(f"lora.target_modules lacks {', '.join(missing)}: the fused kernels need LoRA on all of "
-                          f"{', '.join(FUSED_TARGETS)}")
-    if lora_dropout and os.environ.get("UNSLOTH_FUSED_LORA_DROPOUT", "1") == "0":
-        # unsloth 2026.10.9 fuses dropout too, unless this variable turns that off (older releases never did).
-        losses.append(f"lora.lora_dropout={lora_dropout}: with UNSLOTH_FUSED_LORA_DROPOUT=0 the fused kernels need dropout 0")
-    if bias != "none":
-        losses.append(f"lora.bias={bias}: the fused kernels need bias none")
-    if dtype == "float32":
-        losses.append("model.dtype=float32: the fused kernels need a 16-bit base (bfloat16 or float16)")
-    return losses

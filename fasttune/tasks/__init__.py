@@ -33,8 +33,6 @@ class Task:
     """``score(predictions, rows)`` -> metric name -> fraction in [0, 1]."""
     evaluate: Callable[..., dict[str, Any]]
     """``evaluate(model, tokenizer, rows, ...)`` -> metrics plus ``samples``."""
-    train_seed: int = 0
-    """Seed of the recipe's training rows."""
     eval_seed: int = 1
     """Seed of the held-out rows (drawn from the ``eval`` split's own name pools)."""
 

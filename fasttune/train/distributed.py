@@ -43,10 +43,3 @@ def agree_on(run_dir: Path) -> Path:
     chosen = [str(run_dir)]
     broadcast_object_list(chosen, from_process=0)
     return Path(chosen[0])
-
-
-def wait_for_everyone() -> None:
-    if world_size() > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()

@@ -2,8 +2,7 @@
 
 Each ``Trainer.log`` call (a training logging step, an evaluation, the end-of-training summary)
 becomes one line, written and flushed at once, so a killed run keeps everything it logged up to
-the kill. Resuming appends to the same file. ``report.plot_loss`` and ``report.write_report``
-read it back through ``read_metrics``.
+the kill. Resuming appends to the same file. fasttune.report reads it back (``read_metrics``).
 """
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
+from fasttune.report import metrics_path
+
 
 
 class MetricsLog(TrainerCallback):
@@ -64,36 +64,6 @@ class MetricsLog(TrainerCallback):
         # unflushed data when the process is killed.
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(line)
-
-
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read ``metrics.jsonl`` (or the one inside a run directory) as a list of dicts.
-
-    A last line cut short by a kill is skipped. A damaged line anywhere else is not something
-    ``MetricsLog`` produces, so it raises ``ValueError`` with the file and line number.
-    """
-    path = metrics_path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg}); the file is damaged") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
-def metrics_path(path: str | os.PathLike[str]) -> Path:
-    """The metrics file for ``path``: itself if it names a ``.jsonl`` file, else ``path/metrics.jsonl``."""
-    path = Path(path)
-    return path if path.suffix == ".jsonl" else path / METRICS_FILE
 
 
 def _plain(value: Any) -> Any:

@@ -15,11 +15,11 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from transformers import TrainerCallback
 
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
+from fasttune.run_folder import CONFIG, saved_config
 
 
 class TrainingInterrupted(Exception):
@@ -39,7 +39,7 @@ def find_run_dir(recipe: Recipe, given: str | None, root: Path = Path("runs")) -
     else:
         candidates = sorted(root.glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for run_dir in candidates:
-        if (run_dir / "config.yaml").is_file():
+        if (run_dir / CONFIG).is_file():
             return run_dir
     where = given or recipe.train.get("output_dir") or f"{root}/{recipe.name}-*"
     raise UserError(Problem("--resume", where, "holds no earlier run of this recipe (no config.yaml)",
@@ -52,20 +52,6 @@ def last_checkpoint(run_dir: Path) -> tuple[str | None, list[str]]:
 
     folder, notes = newest_complete(run_dir / "checkpoints")
     return (str(folder) if folder else None), notes
-
-
-def saved_config(run_dir: Path) -> dict:
-    """The run's ``config.yaml``; a file that does not read back is refused by name."""
-    path = run_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(Problem("--resume", str(path), f"cannot be read back ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
-                                "restore the run's config.yaml (fasttune wrote it when the run started), or start a new run")) from None
-    if not isinstance(saved, dict) or not saved.get("name"):
-        raise UserError(Problem("--resume", str(path), "is not a fasttune run's config (no recipe name in it)",
-                                "restore the run's config.yaml, or start a new run"))
-    return saved
 
 
 def trained_weights(run_dir: Path) -> Path | None:

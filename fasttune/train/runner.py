@@ -10,57 +10,40 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 from rich.markup import escape
 
 from fasttune.atomic_io import atomic_write_text
-from fasttune.binding import Bound
 from fasttune.config import Recipe
 from fasttune.machine import MachinePlan
-from fasttune.run_folder import SUMMARY
+from fasttune.prepare import Inputs, Prepared
+from fasttune.prepare import inputs as prepare_inputs
+from fasttune.run_folder import CONFIG, SUMMARY
 from fasttune.train.distributed import is_main, world_size
 
 
-def new_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
-    """``train.output_dir`` if the recipe sets it, else ``runs/<recipe>-<timestamp>`` (``-2``, ``-3``
-    when a run of the same recipe started in the same second)."""
-    if recipe.train.get("output_dir"):
-        return Path(recipe.train["output_dir"])
-    stamped = root / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir, number = stamped, 2
-    while run_dir.exists():
-        run_dir, number = stamped.with_name(f"{stamped.name}-{number}"), number + 1
-    return run_dir
-
-
-def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine=None) -> None:
-    """The resolved recipe plus what ran it; rewritten once the engine has loaded the model."""
+def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine) -> None:
+    """``config.yaml``: the resolved recipe plus what ran it (written once the engine has loaded the
+    model; resume and export read it back through fasttune.run_folder.saved_config)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = {"device": plan.device_name, "backend": plan.backend, "backend_reason": plan.backend_reason,
-               "dtype": plan.dtype, "attention": plan.attention, "processes": world_size()}
-    if engine is not None:
-        machine["fast_path"] = engine.fast_path.describe() if engine.fast_path is not None else None
-        machine["kernels"] = engine.kernels
+               "dtype": plan.dtype, "attention": plan.attention, "processes": world_size(),
+               "fast_path": engine.fast_path.describe() if engine.fast_path is not None else None, "kernels": engine.kernels}
     document = {**recipe.to_dict(), "machine": machine}
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
 
 
 @dataclass
 class Session:
     """Everything a run holds between its stages."""
 
-    recipe: Recipe
-    plan: MachinePlan
-    run_dir: Path
+    prepared: Prepared
     console: object
     source: str
     """The local folder or hub id the weights load from."""
-    data: object
-    """fasttune.data.prepare.PreparedData"""
-    tokenizer: object
+    inputs: Inputs
     trainer: object
     """trl.SFTTrainer"""
     started: float
@@ -71,80 +54,132 @@ class Session:
     final_eval: dict | None = None
     after: dict | None = None
 
+    @property
+    def recipe(self) -> Recipe:
+        return self.prepared.recipe
 
-def run(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console, resume_from: str | None = None) -> Session:
-    session = setup(recipe, plan, bound, run_dir, console)
+    @property
+    def plan(self) -> MachinePlan:
+        return self.prepared.plan
+
+    @property
+    def run_dir(self) -> Path:
+        return self.prepared.run_dir
+
+    @property
+    def data(self):
+        return self.inputs.data
+
+    @property
+    def tokenizer(self):
+        return self.inputs.tokenizer
+
+
+def run(prepared: Prepared, console, resume_from: str | None = None) -> Session:
+    session = setup(prepared, console)
     train(session, resume_from)
     save(session)
     return session
 
 
-def setup(recipe: Recipe, plan: MachinePlan, bound: Bound, run_dir: Path, console) -> Session:
+def setup(prepared: Prepared, console) -> Session:
+    """Rows, tokenizer and model as ``prepared`` says (fasttune.prepare made it in this process,
+    Unsloth imported first where the plan says unsloth), and the SFTTrainer over them."""
     started = time.time()
-    from fasttune.model.backends import unsloth_first
-
-    unsloth_first(recipe, plan, console)  # a no-op unless the plan says unsloth; the CLI already did it
-    from datasets import Dataset
+    recipe, plan, configs, run_dir = prepared.recipe, prepared.plan, prepared.configs, prepared.run_dir
     from trl import SFTTrainer
 
-    from fasttune.data.prepare import prepare
+    from fasttune.inspect_data import print_stats
     from fasttune.model import backends
+    from fasttune.model.gguf_import import names_gguf
     from fasttune.model.source import resolve_model_source
-    from fasttune.model.tokenizer import load_tokenizer
     from fasttune.train.metrics_log import MetricsLog
 
     quiet_library_progress_bars()
-    if is_main():
-        write_config(run_dir, recipe, plan)
-    if bound.logging_dir:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = bound.logging_dir
-    data = prepare(recipe)
-    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
-    gguf = recipe.model.name.startswith("package:") or recipe.model.name.endswith(".gguf")
+    if configs.logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = configs.logging_dir
     console.print(f"[bold]model[/] loading {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})"
-                  + ("; a GGUF file is converted once, then cached" if gguf else ""))
+                  + ("; a GGUF file is converted once, then cached" if names_gguf(recipe.model.name) else ""))
+    source = resolve_model_source(recipe.model.name)
+    inputs = prepare_inputs(prepared, source)
+    data = inputs.data
+    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
     for line in (data.report.lines() if data.report else []):
         console.print(f"[yellow]data[/] {escape(line)}")
-    source = resolve_model_source(recipe.model.name)
-    tokenizer, template = load_tokenizer(source, recipe)
-    console.print(f"[bold]template[/] {escape(template.describe())}")
+    console.print(f"[bold]template[/] {escape(inputs.template.describe())}")
     if is_main():
-        _print_data_stats(recipe, plan, bound, data, tokenizer, console)
+        print_stats(inputs.stats.to_dict(), console)
     # LoRA's A matrices are random and the Trainer seeds only later: seed first, so the same recipe
     # gives the same adapter, and a resumed run the same as an uninterrupted one.
     from transformers import set_seed
 
-    set_seed(bound.sft.seed)
-    model, engine = backends.load(source, recipe, plan, bound)
+    set_seed(configs.sft.seed)
+    model, engine = backends.load(source, recipe, plan, configs)
     console.print(f"[bold]engine[/] {escape(engine.describe())}")
     if engine.fast_path is not None and engine.fast_path.layers and not engine.fast_path.fused:
         console.print("[yellow]slow path[/] Unsloth did not fuse every layer; see the notes above for the settings that cost it")
     task, before = None, None
     if is_main():
         write_config(run_dir, recipe, plan, engine)
-        task, before = _task_eval(recipe, model, tokenizer, data.eval, console, "before")
+        task, before = _task_eval(recipe, model, inputs.tokenizer, data.eval, console, "before")
     from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
-    with quiet_cross_contamination_warning(bound.sft, plan.attention):  # rows are kept apart just below
+    with quiet_cross_contamination_warning(configs.sft, plan.attention):  # rows are kept apart just below
         trainer = SFTTrainer(
             model=model,
-            args=bound.sft,
-            train_dataset=Dataset.from_list(data.train),
-            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-            processing_class=tokenizer,
+            args=args_for_tokenized_rows(configs.sft),
+            train_dataset=trainable_rows(inputs.train, configs.sft),
+            eval_dataset=trainable_rows(inputs.eval, configs.sft) if inputs.eval is not None else None,
+            processing_class=inputs.tokenizer,
             callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
         )
     keep_packed_rows_apart(trainer, plan.attention)
     from fasttune.train.checkpoints import atomic_checkpoints
 
     atomic_checkpoints(trainer)
-    if bound.bnb is not None:
+    if configs.bnb is not None:
         from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
 
         keep_adapter_in_plan_dtype(trainer.model, plan)
     trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    return Session(recipe, plan, run_dir, console, source, data, tokenizer, trainer, started, engine, task, before)
+    return Session(prepared, console, source, inputs, trainer, started, engine, task, before)
+
+
+def trainable_rows(tokenized, sft):
+    """The dataset SFTTrainer trains on: fasttune's own ``input_ids`` and ``labels``, the very rows
+    ``data inspect`` shows. TRL (trl 1.14.2, ``SFTTrainer._prepare_dataset``) then tokenizes nothing
+    again: it keeps a dataset's ``labels``, truncates or packs them, and its collator reads them.
+
+    Without packing the rows are cut to ``max_length`` here, as TRL cuts them (a no-op for TRL, but
+    Unsloth's replacement of ``_prepare_dataset`` on CUDA does not truncate pre-tokenized rows), and
+    rows left with no trained token are dropped, as TRL drops them. With ``assistant_only_loss`` a
+    row whose template marks no assistant token is refused, as TRL refuses raw rows."""
+    from fasttune.data.tokenize import IGNORE, truncate
+    from fasttune.errors import Problem, UserError
+
+    rules = tokenized.rules
+    if rules.assistant_only_loss and 0 in tokenized.facts["trained"]:
+        row = tokenized.facts["trained"].index(0)
+        raise UserError(Problem("data.chat_template", row, "this row (0-based) has no assistant token to train with "
+                                "train.assistant_only_loss=true", "give every row an assistant reply, or use a template "
+                                "with {% generation %} markers (fasttune/families/templates)"))
+    dataset = tokenized.dataset
+    if sft.packing or rules.max_length is None:
+        return dataset
+
+    def cut(row):
+        return {key: truncate(row[key], rules.max_length, rules.truncation_mode) for key in ("input_ids", "labels")}
+
+    return dataset.map(cut).filter(lambda row: any(label != IGNORE for label in row["labels"]))
+
+
+def args_for_tokenized_rows(sft):
+    """The SFTConfig SFTTrainer gets with tokenized rows: ``assistant_only_loss`` is already in their
+    labels, and TRL refuses the flag for a dataset that is not conversational text."""
+    import dataclasses
+
+    return dataclasses.replace(sft, assistant_only_loss=False) if sft.assistant_only_loss else sft
 
 
 def train(session: Session, resume_from: str | None = None) -> None:
@@ -187,8 +222,7 @@ def save(session: Session) -> None:
     asks for, and last ``report.md``, which lists every output. Each output
     is written under a temporary name and renamed when whole; SIGTERM here stops like Ctrl-C
     (nothing half-written is left), and ``--resume`` then redoes only what is missing."""
-    from fasttune.report import installed_versions, plot_loss, training_summary, write_report
-    from fasttune.train.metrics_log import read_metrics
+    from fasttune.report import installed_versions, plot_loss, read_metrics, training_summary, write_report
     from fasttune.train.resume import terminate_raises_interrupt
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
@@ -259,17 +293,6 @@ def save_trained_weights(session: Session) -> Path:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
         session.tokenizer.save_pretrained(tmp)
     return final
-
-
-def _print_data_stats(recipe: Recipe, plan: MachinePlan, bound: Bound, data, tokenizer, console) -> None:
-    """What `data inspect` reports, for the rows this run trains on: lengths, truncation, rows
-    that train nothing (TRL drops those silently) and packing, with its reason."""
-    from fasttune.data.inspect import print_stats
-    from fasttune.data.tokenize import MaskRules, packing_decision, report, tokenize
-
-    rules = MaskRules.from_sft(bound.sft)
-    _, reason = packing_decision(recipe, plan)
-    print_stats(report(tokenize(data.train, tokenizer, rules), rules, (bound.sft.packing, reason)).to_dict(), console)
 
 
 def quiet_library_progress_bars() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fasttune.disk import gib
+from fasttune.gguf_types import BITS_PER_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ def optimizer_bytes_per_weight(optim: str) -> int:
 
 def estimate(model, recipe, sft_args) -> SpaceNeeded:
     """The disk a run of ``recipe`` with ``model`` (as the Trainer holds it) will need."""
-    from fasttune.export.exporter import BITS_PER_WEIGHT
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
     total_params = sum(p.numel() for p in model.parameters())

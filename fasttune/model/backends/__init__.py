@@ -1,8 +1,8 @@
 """Backends load the base model and attach LoRA: ``hf`` (transformers + PEFT) and ``unsloth``.
 
-:func:`import_unsloth` runs first in a training process whose plan says ``unsloth``; :func:`load`
-then returns ``(model, Engine)``: the model with LoRA attached (the bare base for full
-fine-tuning) and what the engine actually did.
+:func:`import_unsloth` runs first in a training process whose plan says ``unsloth`` (called by
+fasttune.prepare.plan_machine); :func:`load` then returns ``(model, Engine)``: the model with LoRA
+attached (the bare base for full fine-tuning) and what the engine actually did.
 """
 from __future__ import annotations
 
@@ -55,20 +55,7 @@ def import_unsloth(explicit: bool, key: str = "model.backend") -> str | None:
     return None
 
 
-def unsloth_first(recipe, plan, console) -> None:
-    """Where the plan says ``unsloth``, import it now, before transformers, TRL and PEFT; if it
-    raises, switch the plan to ``hf`` and say why (or refuse, when the recipe named unsloth)."""
-    if plan.backend != "unsloth":
-        return
-    failure = import_unsloth(explicit=recipe.model.backend == "unsloth")
-    if failure:
-        from rich.markup import escape
-
-        plan.backend, plan.backend_reason, plan.attention = "hf", failure, recipe.model.attn_implementation
-        console.print(f"[yellow]backend[/] falling back to hf: {escape(failure)}")
-
-
-def load(source: str, recipe, plan, bound):
+def load(source: str, recipe, plan, configs):
     """``(model, Engine)`` for ``plan.backend``. A hub id whose weights are not cached while the
     hub is unreachable (or HF_HUB_OFFLINE is set) is a SourceUnavailable that says what to do."""
     from pathlib import Path
@@ -76,22 +63,22 @@ def load(source: str, recipe, plan, bound):
     from fasttune import hub
 
     try:
-        return _load(source, recipe, plan, bound)
+        return _load(source, recipe, plan, configs)
     except OSError as err:
         if Path(source).is_dir() or not hub.offline_reason():
             raise
         raise hub.not_cached("model", source, "model.name", err) from None
 
 
-def _load(source: str, recipe, plan, bound):
+def _load(source: str, recipe, plan, configs):
     engine = Engine(plan.backend, plan.backend_reason, plan.dtype, plan.attention, plan.device_name,
                     dtype_reason=plan.dtype_reason)
     if plan.backend == "unsloth":
         from fasttune.model.backends import unsloth
 
-        model, engine.fast_path = unsloth.load(source, recipe, plan, bound)
+        model, engine.fast_path = unsloth.load(source, recipe, plan, configs)
         return model, engine
     from fasttune.model.backends import hf
 
-    model, engine.kernels = hf.load(source, recipe, plan, bound)
+    model, engine.kernels = hf.load(source, recipe, plan, configs)
     return model, engine

@@ -90,16 +90,16 @@ def apply_liger(model, device: str) -> str | None:
     return "Liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)"
 
 
-def load(source: str, recipe, plan, bound):
+def load(source: str, recipe, plan, configs):
     """The runner's entry: base per the plan, Liger where possible, LoRA attached per the recipe.
 
     Returns ``(model, kernels)``: a PeftModel (the base model itself for method ``full``) and a
     description of the extra kernels applied (or None).
     """
-    model = load_base(source, dtype=plan.dtype, attention=plan.attention, device=plan.device, quantization=bound.bnb,
+    model = load_base(source, dtype=plan.dtype, attention=plan.attention, device=plan.device, quantization=configs.bnb,
                       revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     kernels = apply_liger(model, plan.device)
-    if bound.lora is None:
+    if configs.lora is None:
         return model, kernels
     from fasttune.errors import UserError
     from fasttune.model.local_model import model_target_problem
@@ -108,8 +108,8 @@ def load(source: str, recipe, plan, bound):
     problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)
     if problem is not None:
         raise UserError(problem)
-    sft = bound.sft
-    return attach_lora(model, bound.lora, gradient_checkpointing=sft.gradient_checkpointing,
+    sft = configs.sft
+    return attach_lora(model, configs.lora, gradient_checkpointing=sft.gradient_checkpointing,
                        gradient_checkpointing_kwargs=sft.gradient_checkpointing_kwargs), kernels
 
 

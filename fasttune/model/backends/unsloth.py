@@ -50,10 +50,10 @@ def attach_lora(model, *, r: int, target_modules, lora_alpha: float, lora_dropou
     return model, report_from_messages(messages, on_cpu_fallback())
 
 
-def load(source: str, recipe, plan, bound):
+def load(source: str, recipe, plan, configs):
     """The runner's entry: Unsloth load + LoRA. Returns ``(model, fast path report)``."""
-    lora, sft = bound.lora, bound.sft
-    model, _ = load_base(source, max_seq_length=sft.max_length, dtype=plan.dtype, load_in_4bit=bound.bnb is not None,
+    lora, sft = configs.lora, configs.sft
+    model, _ = load_base(source, max_seq_length=sft.max_length, dtype=plan.dtype, load_in_4bit=configs.bnb is not None,
                          revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     from fasttune.errors import UserError
     from fasttune.model.local_model import model_target_problem

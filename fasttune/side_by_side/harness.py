@@ -3,8 +3,8 @@
 Both sides train one pass over the same first N examples of the recipe's data (``--examples``;
 ``--steps`` caps vanilla's optimizer steps, and both sides then train on exactly the examples
 those steps consume), with the same model, max_length, LoRA, learning rate, schedule and seed.
-Vanilla runs first, then fasttune, each in its own process (fasttune/bench/side.py); the figures
-and the report come from fasttune/bench/results.py.
+Vanilla runs first, then fasttune, each in its own process (fasttune/side_by_side/side.py); the figures
+and the report come from fasttune/side_by_side/results.py.
 """
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def examples_to_train(recipe, request: BenchRequest) -> int:
 
 
 def run_bench(request: BenchRequest, console) -> dict:
-    from fasttune import config
-    from fasttune.bench.results import write_results
+    from fasttune import prepare
+    from fasttune.side_by_side.results import write_results
 
-    recipe = config.resolve(request.recipe, request.overrides)
+    recipe = prepare.resolve(request.recipe, request.overrides)
     if recipe.method not in ("lora", "qlora"):
         raise UserError(Problem("method", recipe.method, "the bench compares LoRA/QLoRA against vanilla PEFT", "bench a lora or qlora recipe"))
     examples = examples_to_train(recipe, request)
@@ -73,7 +73,7 @@ def run_bench(request: BenchRequest, console) -> dict:
     check_recipe(request, overrides)
     out.mkdir(parents=True, exist_ok=True)
     if request.random_init:
-        from fasttune.bench.random_model import build_random_model
+        from fasttune.side_by_side.random_model import build_random_model
 
         console.print(f"[bold]bench[/] building {recipe.model.name}'s architecture with random weights")
         overrides.append(f"model.name={build_random_model(recipe, out / 'random-model', force_cpu=request.force_cpu)}")
@@ -95,7 +95,7 @@ def run_bench(request: BenchRequest, console) -> dict:
 
 def outputs() -> tuple[str, ...]:
     """What a bench writes into its --out folder (random-model/ aside: its builder reuses or refuses it)."""
-    from fasttune.bench.results import PLOT_FILE, REPORT_FILE, RESULTS_FILE
+    from fasttune.side_by_side.results import PLOT_FILE, REPORT_FILE, RESULTS_FILE
 
     return (RESULTS_FILE, REPORT_FILE, PLOT_FILE, "work", *(f"{side}{ext}" for side in ("vanilla", "fasttune")
                                                              for ext in (".json", ".log", ".spec.json")))
@@ -120,33 +120,27 @@ def check_recipe(request: BenchRequest, overrides: list[str]) -> None:
     """What both sides will check, checked once here, before any side starts or anything is written:
     the recipe with the bench's settings binds (SFTConfig, LoraConfig, BitsAndBytesConfig), its data
     reads, and a --random-init model has an architecture. A mistake is then one message, not a child's failure."""
-    import tempfile
+    from fasttune import machine, prepare
+    from fasttune.data.rows import read_data
 
-    from fasttune import config, machine
-    from fasttune.binding import bind
-    from fasttune.data.prepare import prepare
-
-    recipe = config.resolve(request.recipe, overrides)
-    plan = machine.plan(recipe, machine.facts(), force_cpu=request.force_cpu)
-    with tempfile.TemporaryDirectory() as tmp:
-        bind(recipe, plan, Path(tmp))
+    recipe = prepare.resolve(request.recipe, overrides)
+    prepare.prepare_elsewhere(recipe, machine.plan(recipe, machine.detect(), force_cpu=request.force_cpu))
     if request.random_init:
-        from fasttune.bench.random_model import architecture
+        from fasttune.side_by_side.random_model import architecture
 
         architecture(recipe)
-    prepare(recipe)
+    read_data(recipe)
 
 
 def packed_batch(recipe, overrides: list[str], vanilla: dict, request: BenchRequest) -> list[str]:
     """Where fasttune packs, rows per batch so that a packed batch holds about the real (non-padding)
     tokens of vanilla's average batch: the same examples in fuller rows, in about as many optimizer
     steps (so one pass ends at a comparable loss), at less memory than vanilla's padded batches."""
-    from fasttune import config, machine
-    from fasttune.data.tokenize import packing_decision
+    from fasttune import machine, prepare
+    from fasttune.binding import packing_decision
 
-    resolved = config.resolve(request.recipe, overrides)
-    packs = resolved.train["packing"] if "packing" in resolved.train else \
-        packing_decision(resolved, machine.plan(resolved, machine.facts(), force_cpu=request.force_cpu))[0]
+    resolved = prepare.resolve(request.recipe, overrides)
+    packs = packing_decision(resolved, machine.plan(resolved, machine.detect(), force_cpu=request.force_cpu)).enabled
     if not packs:
         return []
     max_length = int(resolved.train.get("max_length", 1024))
@@ -165,7 +159,7 @@ def _run_side(side: str, request: BenchRequest, overrides: list[str], out: Path,
     log_path = out / f"{side}.log"
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            process = subprocess.run([sys.executable, "-m", "fasttune.bench.side", str(spec_path), str(result_path)],
+            process = subprocess.run([sys.executable, "-m", "fasttune.side_by_side.side", str(spec_path), str(result_path)],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, timeout=request.timeout_s)
         except subprocess.TimeoutExpired:
             raise UserError(Problem(f"bench side {side}", f"{request.timeout_s} s", f"did not finish within --timeout (log: {log_path})",

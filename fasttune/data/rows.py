@@ -10,11 +10,11 @@ import random
 import typing
 from dataclasses import dataclass, field
 
-from fasttune.config import DataSection, Recipe
+from fasttune.config import BUILTIN_PREFIX, DataSection, Recipe, source_paths
 from fasttune.data.formats import BadRow, convert, detect
 from fasttune.data.mapping import check_columns, compile_mapping, map_row, output_columns
 from fasttune.data.report import DataReport
-from fasttune.data.sources import BUILTIN_PREFIX, load_source, source_paths
+from fasttune.data.sources import load_source
 from fasttune.errors import Problem, UserError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class PreparedData:
     """The same for ``data.eval_path``, when there is one."""
 
 
-def prepare(recipe: Recipe) -> PreparedData:
+def read_data(recipe: Recipe) -> PreparedData:
+    """Train and eval rows of ``recipe.data`` in TRL's shapes (see the module docstring)."""
     data = recipe.data
     paths = source_paths(data.path)
     if paths and paths[0].startswith(BUILTIN_PREFIX):

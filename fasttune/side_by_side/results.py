@@ -1,6 +1,6 @@
 """The bench's report: results.json, report.md and bench.png from the two sides' documents.
 
-The figures come from fasttune/bench/analysis.py (torch-free); this module writes them down, each
+The figures come from fasttune/side_by_side/analysis.py (torch-free); this module writes them down, each
 file atomically. matplotlib is imported only to draw ``bench.png``, rich only by ``render_table``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.atomic_io import atomic_file, atomic_write_text
-from fasttune.bench.analysis import (
+from fasttune.side_by_side.analysis import (
     MAY_DIFFER,
     PERCENTILE_METHOD,
     SETTINGS_THAT_MUST_MATCH,

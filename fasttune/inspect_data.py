@@ -1,89 +1,46 @@
 """``fasttune data inspect``: what the model will learn from a data source, without loading weights.
 
-Reads the rows as a run would (``prepare``), the tokenizer as a run would (``load_tokenizer``),
-tokenizes and masks them as TRL's SFTTrainer would (``fasttune.data.tokenize``), and renders a few
-examples with the trained tokens highlighted.
+The rows, the tokenizer and its training template, and the tokens with their labels all come from
+fasttune.prepare, exactly as a run makes them (the run trains on these very tokens); this module
+picks a few examples and renders them with the trained tokens highlighted.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from fasttune import machine
 from fasttune.config import Recipe
-from fasttune.data.tokenize import IGNORE, MaskRules, packing_decision, report, tokenize, truncate
+from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.errors import Problem, UserError
+from fasttune.model.source import tokenizer_source
+from fasttune.prepare import inputs, plan_machine, prepare_elsewhere
 
 
-def tokenizer_source(recipe: Recipe) -> str:
-    """Where the tokenizer loads from, without importing or loading weights."""
-    name = recipe.model.name
-    path = Path(name).expanduser()
-    if name.startswith("package:") or (path.suffix == ".gguf" and path.is_file()):
-        from fasttune.model.gguf_import import cached_folder, default_cache_root, resolve_package_file
-
-        try:
-            gguf = resolve_package_file(name) if name.startswith("package:") else path.resolve()
-        except FileNotFoundError as err:
-            raise UserError(Problem("model.name", name, str(err), "install the package named above")) from None
-        folder = cached_folder(gguf, default_cache_root())
-        if not folder.is_dir():
-            raise UserError(Problem("model.name", name, "is a GGUF file that has not been converted yet (inspect reads tokenizers only)",
-                                    f"convert it once by running the recipe: python -m fasttune recipe {recipe.name}"))
-        return str(folder)
-    if path.is_dir() or name.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise UserError(Problem("model.name", name, "no such folder", "point model.name at a model or tokenizer folder"))
-        return str(path)
-    return name  # a hub id: AutoTokenizer fetches the tokenizer files only
-
-
-def _tokenizer(recipe: Recipe):
-    from fasttune.model.tokenizer import load_tokenizer
-
-    source = tokenizer_source(recipe)
-    try:
-        return load_tokenizer(source, recipe)[0]
-    except (OSError, ValueError) as err:
-        raise UserError(Problem("model.name", recipe.model.name, f"no tokenizer could be loaded from {source}: {err}",
-                                "point model.name at a folder with tokenizer files, or a hub id you have cached")) from None
-
-
-def _sft_and_plan(recipe: Recipe):
-    """The SFTConfig a run would get on this machine (its masking and length fields matter here)."""
-    import tempfile
-
-    from fasttune import machine
-    from fasttune.binding import bind
-
-    plan = machine.plan(recipe, machine.facts())
-    with tempfile.TemporaryDirectory() as tmp:
-        bound = bind(recipe, plan, Path(tmp))
-    return bound.sft, plan
+def _tokenizer_source(recipe: Recipe) -> str:
+    source = tokenizer_source(recipe.model.name)
+    if source is None:
+        raise UserError(Problem("model.name", recipe.model.name, "is a GGUF file that has not been converted yet (inspect reads tokenizers only)",
+                                f"convert it once by running the recipe: python -m fasttune recipe {recipe.name}"))
+    return source
 
 
 def inspect_data(recipe: Recipe, count: int = 3) -> dict:
     """The inspect document: format, rows, stats and ``count`` examples (see the CLI's --json)."""
     import datasets
 
-    from fasttune.data.prepare import prepare
-
     datasets.disable_progress_bars()
-    sft, plan = _sft_and_plan(recipe)
-    data = prepare(recipe)
-    tokenizer = _tokenizer(recipe)
-    rules = MaskRules.from_sft(sft)
-    decision = packing_decision(recipe, plan)
-    tokenized = tokenize(data.train, tokenizer, rules)
-    stats = report(tokenized, rules, decision).to_dict()
+    prepared = prepare_elsewhere(recipe, plan_machine(recipe, machine.detect()))
+    source = _tokenizer_source(recipe)
+    made = inputs(prepared, source)
+    rules, tokenizer, data = made.train.rules, made.tokenizer, made.data
     examples = []
-    for row in tokenized.dataset.select(range(min(count, len(tokenized.dataset)))):
+    for row in made.train.dataset.select(range(min(count, len(made.train.dataset)))):
         ids = truncate(row["input_ids"], rules.max_length, rules.truncation_mode)
         labels = truncate(row["labels"], rules.max_length, rules.truncation_mode)
         examples.append({"input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
                          "trained_text": tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE]),
                          "pieces": _pieces(ids, labels, tokenizer)})
     notes = [note for report_ in (data.report, data.eval_report) if report_ is not None for note in report_.notes]
-    return {"format": data.format, "shape": tokenized.shape, "rows": len(data.train), "eval_rows": len(data.eval),
-            "source": data.source, "tokenizer": tokenizer_source(recipe), "notes": notes, "stats": stats, "examples": examples}
+    return {"format": data.format, "shape": made.train.shape, "rows": len(data.train), "eval_rows": len(data.eval),
+            "source": data.source, "tokenizer": source, "notes": notes, "stats": made.stats.to_dict(), "examples": examples}
 
 
 def _pieces(ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:

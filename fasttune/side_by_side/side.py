@@ -1,8 +1,8 @@
 """One side of a bench run, in a process of its own: train the examples, measure, write JSON.
 
-``python -m fasttune.bench.side SPEC.json OUT.json``. SPEC names the side (``fasttune`` or
+``python -m fasttune.side_by_side.side SPEC.json OUT.json``. SPEC names the side (``fasttune`` or
 ``vanilla``), the recipe and its overrides, and the warm-up; OUT receives the side document
-described in fasttune/bench/results.py.
+described in fasttune/side_by_side/results.py.
 
 - **fasttune**: the recipe exactly as ``python -m fasttune recipe`` runs it (runner.setup: the
   backend ``auto`` picks, fasttune's packing decision, its LoRA attachment).
@@ -90,14 +90,14 @@ def _row_end_padding(position_ids) -> int:
     return int((nonzero_seen == 0).sum())
 
 
-def settings(recipe, bound, plan) -> dict:
-    sft, lora = bound.sft, bound.lora
+def settings(recipe, configs, plan) -> dict:
+    sft, lora = configs.sft, configs.lora
     return {
         "model": recipe.model.name, "max_length": sft.max_length, "lora_r": lora.r, "lora_alpha": lora.lora_alpha,
         "lora_dropout": lora.lora_dropout, "target_modules": sorted(lora.target_modules), "learning_rate": sft.learning_rate,
         "lr_scheduler_type": str(getattr(sft.lr_scheduler_type, "value", sft.lr_scheduler_type)),
         "warmup_steps": sft.warmup_steps, "seed": sft.seed,
-        "quantization": bound.bnb.to_dict() if bound.bnb is not None else None,
+        "quantization": configs.bnb.to_dict() if configs.bnb is not None else None,
         "per_device_train_batch_size": sft.per_device_train_batch_size,
         "gradient_accumulation_steps": sft.gradient_accumulation_steps,
         "gradient_checkpointing": bool(sft.gradient_checkpointing), "packing": bool(sft.packing),
@@ -106,41 +106,40 @@ def settings(recipe, bound, plan) -> dict:
 
 
 def run_side(spec: dict) -> dict:
+    import dataclasses
+
     from rich.console import Console
 
-    from fasttune import config, machine
+    from fasttune import machine, prepare
 
     side = spec["side"]
-    recipe = config.resolve(spec["recipe"], spec["overrides"])
-    found = machine.facts()
-    plan = machine.plan(recipe, found, force_cpu=spec.get("force_cpu", False))
+    recipe = prepare.resolve(spec["recipe"], spec["overrides"])
     console = Console(stderr=True, soft_wrap=True, quiet=spec.get("quiet", False))
+    facts = machine.detect()
     if side == "vanilla":
-        plan.backend, plan.backend_reason, plan.attention = "hf", "vanilla PEFT", "sdpa"
-    else:
-        from fasttune.model.backends import unsloth_first
-
-        unsloth_first(recipe, plan, console)  # before transformers, TRL and PEFT
+        plan = dataclasses.replace(machine.plan(recipe, facts, force_cpu=spec.get("force_cpu", False)),
+                                   backend="hf", backend_reason="vanilla PEFT", attention="sdpa")
+    else:  # as `python -m fasttune recipe` makes it: Unsloth first where the plan says so
+        plan = prepare.plan_machine(recipe, facts, force_cpu=spec.get("force_cpu", False), training=True)
     from transformers import set_seed
 
-    from fasttune.binding import bind
-
     run_dir = Path(spec["work_dir"]) / side
-    bound = bind(recipe, plan, run_dir)
-    bound.sft.disable_tqdm = True
+    prepared = prepare.prepare(recipe, plan, run_dir)
+    configs = prepared.configs
+    configs.sft.disable_tqdm = True
     if side == "vanilla":
-        bound.sft.packing = False
-        bound.sft.padding_free = False
+        configs.sft.packing = False
+        configs.sft.padding_free = False
     meter = Meter(plan.device == "cuda")
     started = time.perf_counter()
     if side == "fasttune":
         from fasttune.train import runner
 
-        session = runner.setup(recipe, plan, bound, run_dir, console)
+        session = runner.setup(prepared, console)
         trainer, engine, data = session.trainer, session.engine, session.data
         backend, reason, fast_path = engine.backend, engine.reason, engine.fast_path.describe() if engine.fast_path else None
     else:
-        trainer, data = _vanilla_trainer(recipe, plan, bound, set_seed)
+        trainer, data = _vanilla_trainer(prepared, set_seed)
         backend, reason, fast_path = "hf", "vanilla: transformers + bitsandbytes + PEFT + TRL defaults", None
     load_s = time.perf_counter() - started
     trainer.model.register_forward_pre_hook(meter.hook, with_kwargs=True)
@@ -149,7 +148,7 @@ def run_side(spec: dict) -> dict:
     trainer.train()
     train_s = time.perf_counter() - begun
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
-    document = settings(recipe, bound, plan)
+    document = settings(recipe, configs, plan)
     document["examples"] = len(data.train)
     return {
         "side": side, "settings": document, "backend": backend, "backend_reason": reason, "fast_path": fast_path,
@@ -160,25 +159,27 @@ def run_side(spec: dict) -> dict:
     }
 
 
-def _vanilla_trainer(recipe, plan, bound, set_seed):
-    """TRL's SFT guide: the same 4-bit config, TRL attaches the LoRA config, default data handling."""
+def _vanilla_trainer(prepared, set_seed):
+    """TRL's SFT guide: the same 4-bit config, TRL attaches the LoRA config, TRL's own data handling
+    of the raw rows (the same rows, the same training template and loss mask)."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from fasttune.data.prepare import prepare
+    from fasttune.data.rows import read_data
     from fasttune.model.backends import hf
     from fasttune.model.source import resolve_model_source
     from fasttune.model.tokenizer import load_tokenizer
 
-    data = prepare(recipe)
+    recipe, plan, configs = prepared.recipe, prepared.plan, prepared.configs
+    data = read_data(recipe)
     source = resolve_model_source(recipe.model.name)
-    tokenizer, _ = load_tokenizer(source, recipe)  # the same training template and loss mask
-    set_seed(bound.sft.seed)
-    model = hf.load_base(source, dtype=plan.dtype, attention="sdpa", device=plan.device, quantization=bound.bnb,
+    tokenizer, _ = load_tokenizer(source, recipe)
+    set_seed(configs.sft.seed)
+    model = hf.load_base(source, dtype=plan.dtype, attention="sdpa", device=plan.device, quantization=configs.bnb,
                          revision=recipe.model.revision)
-    trainer = SFTTrainer(model=model, args=bound.sft, train_dataset=Dataset.from_list(data.train),
+    trainer = SFTTrainer(model=model, args=configs.sft, train_dataset=Dataset.from_list(data.train),
                          eval_dataset=Dataset.from_list(data.eval) if data.eval else None, processing_class=tokenizer,
-                         peft_config=bound.lora)
+                         peft_config=configs.lora)
     return trainer, data
 
 

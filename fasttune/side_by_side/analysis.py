@@ -3,8 +3,8 @@
 Each side (``"fasttune"``: the recipe as fasttune runs it; ``"vanilla"``: transformers +
 bitsandbytes + PEFT + TRL's SFTTrainer with its default data handling, no packing) runs in its own
 process and writes one side document (a dict: settings, per-step times, token counts and losses,
-peak memory; fasttune/bench/side.py writes it). Everything here works from those two dicts:
-torch-free, so a result can be re-analysed on any machine. fasttune/bench/results.py writes the
+peak memory; fasttune/side_by_side/side.py writes it). Everything here works from those two dicts:
+torch-free, so a result can be re-analysed on any machine. fasttune/side_by_side/results.py writes the
 report from what this computes.
 
 Speed figures skip the side's first ``warmup`` optimizer steps (compilation, allocator growth,

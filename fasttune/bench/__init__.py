@@ -1,1 +1,0 @@
-"""The bench: fasttune against vanilla transformers + PEFT + TRL on the same examples, side by side."""
