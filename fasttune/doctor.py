@@ -5,6 +5,11 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+from fasttune import config, machine
+from fasttune.disk import free_bytes
+from fasttune.errors import UserError
+from fasttune.output_paths import folder_problem
+
 # The tested version set ships as constraints.txt: in the wheel beside the package, in a
 # checkout at the top of the repository (see pyproject.toml).
 _PACKAGED = Path(__file__).parent / "constraints.txt"
@@ -32,17 +37,12 @@ def _installed(name: str) -> str | None:
 
 
 def _free_gb(folder: Path) -> float:
-    from fasttune.disk import free_bytes
-
     return free_bytes(folder) / 2**30
 
 
 def doctor(output_dir: Path, console) -> int:
     from rich.markup import escape
     from rich.table import Table
-
-    from fasttune.errors import UserError
-    from fasttune.output_paths import folder_problem
 
     problem = folder_problem(output_dir, "--output-dir", "give the folder runs are written to (default: runs), one you can write")
     if problem is not None:  # the disk check below would answer for a place no run can be written
@@ -62,8 +62,6 @@ def doctor(output_dir: Path, console) -> int:
             problems.append((f"{name} {found or 'missing'} (tested: {tested})",
                              "reinstall the tested set: pip install -c constraints.txt -e .  (or make demo)"))
     console.print(table)
-
-    from fasttune import config, machine
 
     facts = machine.detect()
     if facts.cuda:

@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttune.config import Recipe
+from fasttune.data.rows import read_data
+from fasttune.data.tokenize import MaskRules, check_rules, row_shape
 from fasttune.errors import Problem, SourceUnavailable, UserError
 from fasttune.export.checks import tokenizer_export_problems
+from fasttune.model.local_model import model_target_problem
+from fasttune.model.source import check_local_folder, is_local, tokenizer_source
+from fasttune.model.tokenizer import load_tokenizer
 from fasttune.prepare import Prepared
 
 
@@ -24,8 +29,6 @@ class DryRunReport:
 def _config_and_tokenizer(recipe: Recipe, report: DryRunReport) -> str | None:
     """A local folder with the model's config and tokenizer, or None (and a note) when they are
     not on this machine: a GGUF file not converted yet, a hub model not cached while offline."""
-    from fasttune.model.source import check_local_folder, is_local, tokenizer_source
-
     name = recipe.model.name
     if is_local(name):
         folder = tokenizer_source(name)
@@ -52,8 +55,6 @@ def _config_and_tokenizer(recipe: Recipe, report: DryRunReport) -> str | None:
 
 
 def dry_run(prepared: Prepared) -> DryRunReport:
-    from fasttune.data.rows import read_data
-
     recipe, configs = prepared.recipe, prepared.configs
     report = DryRunReport()
     report.checked.append("recipe keys and values bound to SFTConfig"
@@ -66,8 +67,6 @@ def dry_run(prepared: Prepared) -> DryRunReport:
             if source_report is not None:
                 report.checked.extend(source_report.lines())
         if data.train:
-            from fasttune.data.tokenize import MaskRules, check_rules, row_shape
-
             check_rules(row_shape(data.train[0]), MaskRules.from_sft(configs.sft))  # what SFTTrainer would refuse
     except SourceUnavailable as err:
         report.not_checked.append(f"data: {err}")
@@ -75,7 +74,6 @@ def dry_run(prepared: Prepared) -> DryRunReport:
     source = _config_and_tokenizer(recipe, report)
     if source is None:
         return report
-    from fasttune.model.tokenizer import load_tokenizer
 
     tokenizer, template = load_tokenizer(source, recipe)
     report.checked.append(f"chat template {template.describe()}")
@@ -120,8 +118,6 @@ def count_parameters_without_weights(source: str, recipe: Recipe, lora) -> tuple
 def _check_targets(model, recipe: Recipe) -> None:
     """Every LoRA target names modules of the architecture (PEFT refuses none matching only after
     the weights load, and silently skips a target that matches nothing while others do)."""
-    from fasttune.model.local_model import model_target_problem
-
     problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)
     if problem is not None:
         raise UserError(problem)

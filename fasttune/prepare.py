@@ -37,6 +37,7 @@ from fasttune.errors import Problem, UserError
 from fasttune.export.checks import export_problems
 from fasttune.families import FAMILIES
 from fasttune.machine import MachineFacts, MachinePlan
+from fasttune.model.backends import import_unsloth
 from fasttune.model.local_model import local_model_problems
 from fasttune.model.tokenizer import TemplateChoice, load_tokenizer
 
@@ -65,8 +66,6 @@ def plan_machine(recipe: Recipe, facts: MachineFacts, *, force_cpu: bool = False
     gives the ``hf`` plan with the reason, or a UserError when the recipe named Unsloth."""
     plan = machine.plan(recipe, facts, force_cpu)
     if training and plan.backend == "unsloth":
-        from fasttune.model.backends import import_unsloth
-
         failure = import_unsloth(explicit=recipe.model.backend == "unsloth")
         if failure:
             plan = machine.plan(recipe, facts, force_cpu, unsloth_failure=failure)

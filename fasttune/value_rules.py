@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fasttune.coercion import coerce
 from fasttune.errors import Problem
+from fasttune.tasks import task_names  # task modules load lazily: listing them imports nothing heavy
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ LIBRARY_TYPED = ("train", "lora", "quantization")
 
 
 def _task_rule() -> Rule:
-    from fasttune.tasks import task_names  # task modules load lazily: listing them imports nothing heavy
-
     names = task_names()
     return Rule("eval.task", str, lambda v: v in names, f"one of fasttune's tasks ({', '.join(names)}) or null for none",
                 names[0], nullable=True)

@@ -16,6 +16,7 @@ from fasttune.data.mapping import check_columns, compile_mapping, map_row, outpu
 from fasttune.data.report import DataReport
 from fasttune.data.sources import load_source
 from fasttune.errors import Problem, UserError
+from fasttune.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 def _builtin(recipe: Recipe) -> PreparedData:
-    from fasttune.tasks import get_task
-
     data = recipe.data
     name = source_paths(data.path)[0][len(BUILTIN_PREFIX):]
     try:

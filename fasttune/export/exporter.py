@@ -16,8 +16,18 @@ from rich.markup import escape
 
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
 from fasttune.config import Recipe
+from fasttune.disk import gib, require_free
 from fasttune.errors import Problem, UserError
+from fasttune.export.merge import local_model_dir, merge_adapter
+from fasttune.export.model_card import model_card
+from fasttune.export.modelfile import ollama_template, write_modelfile
+from fasttune.export.refusals import ExportRefused, system_prompt_problem
+from fasttune.families.chat_templates import TEMPLATES
 from fasttune.gguf_types import BITS_PER_WEIGHT
+from fasttune.model.source import resolve_model_source
+from fasttune.model.tokenizer import choose_template
+from fasttune.output_paths import folder_problem
+from fasttune.report import read_metrics, training_summary
 
 HEADROOM = 1.05
 MANIFEST = "fasttune-export.json"
@@ -42,8 +52,6 @@ def request_from_recipe(recipe: Recipe) -> ExportRequest:
 
 def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, tokenizer=None, card_info: dict | None = None) -> list[Path]:
     """Write what ``request`` asks for from ``run_dir``'s adapter; the paths written."""
-    from fasttune.model.source import resolve_model_source
-
     run_dir = Path(run_dir)
     out = Path(request.out or run_dir)
     adapter_dir = run_dir / "adapter"
@@ -57,8 +65,6 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     source = resolve_model_source(recipe.model.name)
     if card_info is None and (run_dir / "metrics.jsonl").is_file():
-        from fasttune.report import read_metrics, training_summary
-
         card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
     merged_dir = out / "merged"
     need_merge = (request.merged or request.gguf) and not (merged_dir / "config.json").is_file()
@@ -72,9 +78,6 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
         shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         written.append(atomic_replace_dir(tmp, out / "adapter"))
     if need_merge:
-        from fasttune.export.merge import merge_adapter
-        from fasttune.export.model_card import model_card
-
         console.print(f"[bold]merge[/] adapter -> {escape(str(merged_dir))}/ (16-bit, shard by shard)")
         result = merge_adapter(source, adapter_dir, merged_dir, tokenizer, save_dtype=request.save_dtype,
                                revision=recipe.model.revision, card=model_card(recipe, card_info))
@@ -104,8 +107,6 @@ def claim_outputs(out: Path, run_dir: Path, recipe: Recipe, request: ExportReque
     ``merged/`` or GGUF file is replaced (or, for ``merged/``, exported from) only when MANIFEST says
     an export of this same run wrote it: fasttune never deletes, nor builds on, what it did not write.
     """
-    from fasttune.output_paths import folder_problem
-
     where = "--out" if request.out is not None else "RUN_DIR"
     problem = folder_problem(out, where, "give --out a folder you can write" if where == "--out" else
                              "give --out a folder you can write; the run folder itself cannot be")
@@ -133,10 +134,7 @@ def claim_outputs(out: Path, run_dir: Path, recipe: Recipe, request: ExportReque
 
 
 def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str, tokenizer, console, primary: bool) -> list[Path]:
-    from fasttune.disk import gib
-    from fasttune.export.refusals import ExportRefused, system_prompt_problem
     from fasttune.export.gguf_writer import write_gguf
-    from fasttune.export.modelfile import ollama_template, write_modelfile
 
     gguf_dir.mkdir(parents=True, exist_ok=True)
     name = f"{recipe.name}-{gguf_type}.gguf"
@@ -165,9 +163,6 @@ def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str
 
 def training_template(tokenizer, recipe: Recipe):
     """The ChatTemplate the adapter's tokenizer carries (fasttune saved the training template there)."""
-    from fasttune.families.chat_templates import TEMPLATES
-    from fasttune.model.tokenizer import choose_template
-
     for template in TEMPLATES.values():
         if template.source() == tokenizer.chat_template:
             return template
@@ -177,8 +172,6 @@ def training_template(tokenizer, recipe: Recipe):
 def parameter_count(source: str) -> int:
     """Parameters in ``source``'s safetensors, from the file headers (no weights are read)."""
     from safetensors import safe_open
-
-    from fasttune.export.merge import local_model_dir
 
     total = 0
     for shard in local_model_dir(source).glob("*.safetensors"):
@@ -193,8 +186,6 @@ def parameter_count(source: str) -> int:
 
 def check_disk(out: Path, source: str, merge: bool, gguf: list[str]) -> None:
     """Refuse, naming the shortfall, when ``out``'s disk cannot hold what will be written."""
-    from fasttune.disk import require_free
-
     params = parameter_count(source)
     needed = (2 * params if merge else 0) + sum(params * BITS_PER_WEIGHT[t] / 8 for t in gguf)
     require_free(out, needed * HEADROOM, "the export", "--out", "free some space, export fewer GGUF types, or give --out on a larger disk")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttune.export.refusals import ExportRefused, unknown_pre_tokenizer, unreadable_tokenizer
+from fasttune.families.chat_templates import TEMPLATES
 
 # llama.cpp's token types (gguf.TokenType), spelled out so that this module imports without gguf.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -290,8 +291,6 @@ def _end_of_turn_id(tokenizer, chat_template) -> int | None:
     the document. The candidates are the turn ends of fasttune's chat templates that this
     template renders.
     """
-    from fasttune.families.chat_templates import TEMPLATES
-
     if not isinstance(chat_template, str):
         return None
     vocab = tokenizer.get_vocab()

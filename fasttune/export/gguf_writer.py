@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from fasttune.atomic_io import atomic_file
+from fasttune.disk import require_free
 from fasttune.errors import Problem
 from fasttune.export import quantize
-from fasttune.export.refusals import NO_GGUF, ExportRefused, no_gguf_export
 from fasttune.export.gguf_vocab import GGUFVocab, read_vocab
+from fasttune.export.refusals import NO_GGUF, ExportRefused, no_gguf_export
 from fasttune.families import FAMILIES, Family
 
 # Tensors a checkpoint may carry that are not weights (buffers some older exports saved).
@@ -404,8 +405,6 @@ def _write_rope_scaling(writer, rope: dict, config: dict, model_dir: Path) -> No
 
 def _check_disk(out_path: Path, tensors: list[_Planned], vocab: GGUFVocab) -> None:
     """Refuse to start when the output folder's disk cannot hold the estimated file."""
-    from fasttune.disk import require_free
-
     needed = sum(-(-t.nbytes // _ALIGNMENT) * _ALIGNMENT + len(t.name) + 64 for t in tensors)
     needed += vocab.metadata_bytes() + 64 * 1024
     require_free(out_path.parent, needed, f"the GGUF file {out_path.name}", str(out_path.parent),

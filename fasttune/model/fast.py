@@ -23,11 +23,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from fasttune.errors import Problem, UserError
 from fasttune import machine
+from fasttune.errors import Problem, UserError
 from fasttune.families import FAMILIES
 from fasttune.families.base import LLAMA_STYLE_TARGETS
-from fasttune.model.backends import Engine, import_unsloth
+from fasttune.model.backends import Engine, hf, import_unsloth, unsloth
+from fasttune.model.source import resolve_model_source
 
 BACKENDS = ("auto", "unsloth", "hf")
 _ENGINE_ATTRIBUTE = "_fasttune_engine"
@@ -47,7 +48,6 @@ class FastLanguageModel:
         if kwargs:
             raise UserError(Problem("from_pretrained", sorted(kwargs), "are not arguments fasttune understands",
                                     "remove them (see help(fasttune.FastLanguageModel.from_pretrained))"))
-        from fasttune.model.source import resolve_model_source
 
         source = resolve_model_source(model_name)
         model_type = _model_type(source, revision, token)
@@ -67,8 +67,6 @@ class FastLanguageModel:
         dtype_name, dtype_reason = _dtype(dtype, facts)
         device = "cuda" if facts.cuda else "cpu"
         if chosen == "unsloth":
-            from fasttune.model.backends import unsloth
-
             model, tokenizer = unsloth.load_base(source, max_seq_length=max_seq_length, dtype=dtype_name,
                                                  load_in_4bit=load_in_4bit and not full_finetuning, revision=revision,
                                                  trust_remote_code=trust_remote_code, token=token,
@@ -93,8 +91,6 @@ class FastLanguageModel:
         if target_modules is None:
             target_modules = _default_targets(model)
         if engine.backend == "unsloth":
-            from fasttune.model.backends import unsloth
-
             losses = machine.fast_path_losses(target_modules, lora_dropout, bias, engine.dtype) if engine.device != "CPU" else []
             for loss in losses:  # (Unsloth's CPU fallback has no fused kernels to lose)
                 warnings.warn(f"Unsloth's fused fast path will be skipped: {loss}", stacklevel=2)
@@ -175,8 +171,6 @@ def _load_hf(source, max_seq_length, dtype, device, load_in_4bit, token, device_
     import torch
     from transformers import AutoTokenizer, BitsAndBytesConfig
 
-    from fasttune.model.backends import hf
-
     quantization = None
     if load_in_4bit:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -213,8 +207,6 @@ def _attach_hf(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gra
                use_rslora, modules_to_save, extra):
     from peft import LoraConfig
     from transformers import set_seed
-
-    from fasttune.model.backends import hf
 
     # Unsloth's "unsloth" checkpointing offloads activations to host RAM; here it is plain checkpointing.
     checkpointing = use_gradient_checkpointing in (True, "unsloth")

@@ -18,7 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttune import machine, prepare
+from fasttune.binding import packing_decision
+from fasttune.data.rows import read_data
 from fasttune.errors import Problem, UserError
+from fasttune.model.source import is_local
+from fasttune.output_paths import folder_problem
+from fasttune.side_by_side.random_model import architecture, build_random_model
+from fasttune.side_by_side.results import PLOT_FILE, REPORT_FILE, RESULTS_FILE, write_results
 
 # What the bench sets on both sides: one pass, every step logged, nothing saved or evaluated mid-run.
 BENCH_OVERRIDES = ("train.num_train_epochs=1", "train.max_steps=-1", "train.logging_steps=1", "train.save_strategy=no",
@@ -54,14 +61,10 @@ def examples_to_train(recipe, request: BenchRequest) -> int:
 
 
 def run_bench(request: BenchRequest, console) -> dict:
-    from fasttune import prepare
-    from fasttune.side_by_side.results import write_results
-
     recipe = prepare.resolve(request.recipe, request.overrides)
     if recipe.method not in ("lora", "qlora"):
         raise UserError(Problem("method", recipe.method, "the bench compares LoRA/QLoRA against vanilla PEFT", "bench a lora or qlora recipe"))
     examples = examples_to_train(recipe, request)
-    from fasttune.model.source import is_local
 
     if not is_local(recipe.model.name):
         from fasttune import hub
@@ -73,8 +76,6 @@ def run_bench(request: BenchRequest, console) -> dict:
     check_recipe(request, overrides)
     out.mkdir(parents=True, exist_ok=True)
     if request.random_init:
-        from fasttune.side_by_side.random_model import build_random_model
-
         console.print(f"[bold]bench[/] building {recipe.model.name}'s architecture with random weights")
         overrides.append(f"model.name={build_random_model(recipe, out / 'random-model', force_cpu=request.force_cpu)}")
     documents = {}
@@ -95,8 +96,6 @@ def run_bench(request: BenchRequest, console) -> dict:
 
 def outputs() -> tuple[str, ...]:
     """What a bench writes into its --out folder (random-model/ aside: its builder reuses or refuses it)."""
-    from fasttune.side_by_side.results import PLOT_FILE, REPORT_FILE, RESULTS_FILE
-
     return (RESULTS_FILE, REPORT_FILE, PLOT_FILE, "work", *(f"{side}{ext}" for side in ("vanilla", "fasttune")
                                                              for ext in (".json", ".log", ".spec.json")))
 
@@ -104,8 +103,6 @@ def outputs() -> tuple[str, ...]:
 def check_out(out: Path) -> None:
     """Refuse an --out that cannot be written, or that holds a bench's outputs already (an earlier
     bench's measurements, or files of the user's with those names): a bench never replaces them."""
-    from fasttune.output_paths import folder_problem
-
     problem = folder_problem(out, "--out", "give --out a folder you can write")
     if problem is not None:
         raise UserError(problem, "cannot bench into that folder")
@@ -120,14 +117,9 @@ def check_recipe(request: BenchRequest, overrides: list[str]) -> None:
     """What both sides will check, checked once here, before any side starts or anything is written:
     the recipe with the bench's settings binds (SFTConfig, LoraConfig, BitsAndBytesConfig), its data
     reads, and a --random-init model has an architecture. A mistake is then one message, not a child's failure."""
-    from fasttune import machine, prepare
-    from fasttune.data.rows import read_data
-
     recipe = prepare.resolve(request.recipe, overrides)
     prepare.prepare_elsewhere(recipe, machine.plan(recipe, machine.detect(), force_cpu=request.force_cpu))
     if request.random_init:
-        from fasttune.side_by_side.random_model import architecture
-
         architecture(recipe)
     read_data(recipe)
 
@@ -136,9 +128,6 @@ def packed_batch(recipe, overrides: list[str], vanilla: dict, request: BenchRequ
     """Where fasttune packs, rows per batch so that a packed batch holds about the real (non-padding)
     tokens of vanilla's average batch: the same examples in fuller rows, in about as many optimizer
     steps (so one pass ends at a comparable loss), at less memory than vanilla's padded batches."""
-    from fasttune import machine, prepare
-    from fasttune.binding import packing_decision
-
     resolved = prepare.resolve(request.recipe, overrides)
     packs = packing_decision(resolved, machine.plan(resolved, machine.detect(), force_cpu=request.force_cpu)).enabled
     if not packs:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fasttune.errors import Problem, UserError
+from fasttune.families import get_family
+from fasttune.families.chat_templates import get_template
+from fasttune.model.source import resolve_model_source
 
 # Publisher config values that shape compute and memory (hidden sizes, layers, heads, vocabulary).
 BASE_CONFIGS: dict[str, dict] = {
@@ -115,8 +118,6 @@ def _tokenizer(recipe):
     """The real tokenizer when it is reachable offline, else a byte-level one built here."""
     from transformers import AutoTokenizer
 
-    from fasttune.model.source import resolve_model_source
-
     try:
         return AutoTokenizer.from_pretrained(resolve_model_source(recipe.model.name), revision=recipe.model.revision)
     except Exception:  # not local, not cached, or no network: build one
@@ -127,9 +128,6 @@ def byte_level_tokenizer(recipe):
     """256 byte tokens plus the family template's special tokens, with that chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from fasttune.families import get_family
-    from fasttune.families.chat_templates import get_template
 
     family = get_family(recipe.family)
     template = get_template(family.chat_template)

@@ -22,6 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from fasttune import machine, prepare
+from fasttune.atomic_io import atomic_write_text
+from fasttune.data.rows import read_data
+from fasttune.errors import EXIT_USER_ERROR, SourceUnavailable, UserError
+from fasttune.model.backends import hf
+from fasttune.model.source import resolve_model_source
+from fasttune.model.tokenizer import load_tokenizer
+from fasttune.report import installed_versions
+from fasttune.train import runner
+
 SIDES = ("fasttune", "vanilla")
 
 
@@ -110,8 +120,6 @@ def run_side(spec: dict) -> dict:
 
     from rich.console import Console
 
-    from fasttune import machine, prepare
-
     side = spec["side"]
     recipe = prepare.resolve(spec["recipe"], spec["overrides"])
     console = Console(stderr=True, soft_wrap=True, quiet=spec.get("quiet", False))
@@ -133,8 +141,6 @@ def run_side(spec: dict) -> dict:
     meter = Meter(plan.device == "cuda")
     started = time.perf_counter()
     if side == "fasttune":
-        from fasttune.train import runner
-
         session = runner.setup(prepared, console)
         trainer, engine, data = session.trainer, session.engine, session.data
         backend, reason, fast_path = engine.backend, engine.reason, engine.fast_path.describe() if engine.fast_path else None
@@ -165,11 +171,6 @@ def _vanilla_trainer(prepared, set_seed):
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from fasttune.data.rows import read_data
-    from fasttune.model.backends import hf
-    from fasttune.model.source import resolve_model_source
-    from fasttune.model.tokenizer import load_tokenizer
-
     recipe, plan, configs = prepared.recipe, prepared.plan, prepared.configs
     data = read_data(recipe)
     source = resolve_model_source(recipe.model.name)
@@ -194,8 +195,6 @@ def _peaks(cuda: bool) -> dict:
 
 
 def _versions() -> dict:
-    from fasttune.report import installed_versions
-
     return installed_versions(("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth"))
 
 
@@ -204,14 +203,12 @@ def main(argv: list[str]) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     if spec.get("side") not in SIDES:
         raise SystemExit(f"side must be one of {SIDES}")
-    from fasttune.errors import EXIT_USER_ERROR, SourceUnavailable, UserError
 
     try:
         document = run_side(spec)
     except (UserError, SourceUnavailable) as err:  # the message as the CLI gives it: the harness reports this line
         print(f"fasttune: {err.render() if isinstance(err, UserError) else err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from fasttune.atomic_io import atomic_write_text
 
     atomic_write_text(out_path, json.dumps(document, indent=1))
     return 0

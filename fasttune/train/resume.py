@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
-from fasttune.run_folder import CONFIG, saved_config
+from fasttune.run_folder import CONFIG, SUMMARY, saved_config
+from fasttune.train.checkpoints import newest_complete
 
 
 class TrainingInterrupted(Exception):
@@ -48,16 +49,12 @@ def find_run_dir(recipe: Recipe, given: str | None, root: Path = Path("runs")) -
 
 def last_checkpoint(run_dir: Path) -> tuple[str | None, list[str]]:
     """``(the newest complete checkpoint or None, what was set aside and why)``."""
-    from fasttune.train.checkpoints import newest_complete
-
     folder, notes = newest_complete(run_dir / "checkpoints")
     return (str(folder) if folder else None), notes
 
 
 def trained_weights(run_dir: Path) -> Path | None:
     """The final weights of a run whose training finished (its summary.json is written), else None."""
-    from fasttune.run_folder import SUMMARY
-
     for name, marker in (("adapter", "adapter_config.json"), ("model", "config.json")):
         if (run_dir / name / marker).is_file() and (run_dir / SUMMARY).is_file():
             return run_dir / name

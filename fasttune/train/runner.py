@@ -15,13 +15,27 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from fasttune.atomic_io import atomic_write_text
+from fasttune.atomic_io import atomic_dir, atomic_write_text
 from fasttune.config import Recipe
+from fasttune.data.tokenize import IGNORE, truncate
+from fasttune.disk import disk_full, gib, require_free
+from fasttune.errors import Problem, UserError
+from fasttune.export.exporter import export_run, request_from_recipe
+from fasttune.inspect_data import print_stats
 from fasttune.machine import MachinePlan
+from fasttune.model import backends
+from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
+from fasttune.model.gguf_import import names_gguf
+from fasttune.model.source import resolve_model_source
 from fasttune.prepare import Inputs, Prepared
 from fasttune.prepare import inputs as prepare_inputs
+from fasttune.report import installed_versions, plot_loss, read_metrics, training_summary, write_report
 from fasttune.run_folder import CONFIG, SUMMARY
+from fasttune.tasks import get_task
+from fasttune.train import space
+from fasttune.train.checkpoints import atomic_checkpoints
 from fasttune.train.distributed import is_main, world_size
+from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
 
 def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine) -> None:
@@ -89,10 +103,6 @@ def setup(prepared: Prepared, console) -> Session:
     recipe, plan, configs, run_dir = prepared.recipe, prepared.plan, prepared.configs, prepared.run_dir
     from trl import SFTTrainer
 
-    from fasttune.inspect_data import print_stats
-    from fasttune.model import backends
-    from fasttune.model.gguf_import import names_gguf
-    from fasttune.model.source import resolve_model_source
     from fasttune.train.metrics_log import MetricsLog
 
     quiet_library_progress_bars()
@@ -122,7 +132,6 @@ def setup(prepared: Prepared, console) -> Session:
     if is_main():
         write_config(run_dir, recipe, plan, engine)
         task, before = _task_eval(recipe, model, inputs.tokenizer, data.eval, console, "before")
-    from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
     with quiet_cross_contamination_warning(configs.sft, plan.attention):  # rows are kept apart just below
         trainer = SFTTrainer(
@@ -134,12 +143,9 @@ def setup(prepared: Prepared, console) -> Session:
             callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
         )
     keep_packed_rows_apart(trainer, plan.attention)
-    from fasttune.train.checkpoints import atomic_checkpoints
 
     atomic_checkpoints(trainer)
     if configs.bnb is not None:
-        from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
-
         keep_adapter_in_plan_dtype(trainer.model, plan)
     trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -155,9 +161,6 @@ def trainable_rows(tokenized, sft):
     Unsloth's replacement of ``_prepare_dataset`` on CUDA does not truncate pre-tokenized rows), and
     rows left with no trained token are dropped, as TRL drops them. With ``assistant_only_loss`` a
     row whose template marks no assistant token is refused, as TRL refuses raw rows."""
-    from fasttune.data.tokenize import IGNORE, truncate
-    from fasttune.errors import Problem, UserError
-
     rules = tokenized.rules
     if rules.assistant_only_loss and 0 in tokenized.facts["trained"]:
         row = tokenized.facts["trained"].index(0)
@@ -188,8 +191,6 @@ def train(session: Session, resume_from: str | None = None) -> None:
     The disk is checked first (two checkpoints and the final saves must fit); a disk that fills
     anyway, inside a checkpoint, ends with a UserError naming it, the previous checkpoint intact.
     """
-    from fasttune.disk import disk_full, gib, require_free
-    from fasttune.train import space
     from fasttune.train.progress import use_rich_progress
     from fasttune.train.resume import GracefulInterrupt, TrainingInterrupted
 
@@ -222,7 +223,6 @@ def save(session: Session) -> None:
     asks for, and last ``report.md``, which lists every output. Each output
     is written under a temporary name and renamed when whole; SIGTERM here stops like Ctrl-C
     (nothing half-written is left), and ``--resume`` then redoes only what is missing."""
-    from fasttune.report import installed_versions, plot_loss, read_metrics, training_summary, write_report
     from fasttune.train.resume import terminate_raises_interrupt
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
@@ -252,8 +252,6 @@ def save(session: Session) -> None:
         atomic_write_text(run_dir / SUMMARY, json.dumps(info, indent=1, default=str))
         session.after = after
         if recipe.method != "full" and (recipe.export.merged or recipe.export.gguf):
-            from fasttune.export.exporter import request_from_recipe
-
             request = request_from_recipe(recipe)
             request.save_dtype = "bfloat16" if plan.dtype == "float32" else plan.dtype
             export(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
@@ -263,9 +261,6 @@ def save(session: Session) -> None:
 
 def export(run_dir: Path, recipe: Recipe, request, console, **kwargs) -> list[Path]:
     """``export_run``, with a disk that fills on the way said as such (the outputs written so far stay whole)."""
-    from fasttune.disk import disk_full
-    from fasttune.export.exporter import export_run
-
     try:
         return export_run(run_dir, recipe, request, console, **kwargs)
     except OSError as err:
@@ -279,8 +274,6 @@ def export(run_dir: Path, recipe: Recipe, request, console, **kwargs) -> list[Pa
 
 def save_trained_weights(session: Session) -> Path:
     """``adapter/`` (LoRA, QLoRA) or ``model/`` (full fine-tuning), with the tokenizer, written atomically."""
-    from fasttune.atomic_io import atomic_dir
-
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
     if recipe.method != "full" and not recipe.export.adapter:
         session.console.print("[yellow]note[/] export.adapter=false: the adapter is kept anyway (a run always keeps what it "
@@ -308,7 +301,6 @@ def quiet_library_progress_bars() -> None:
 def _task_eval(recipe: Recipe, model, tokenizer, rows: list[dict], console, when: str):
     if not recipe.eval.task or not rows:
         return None, None
-    from fasttune.tasks import get_task
 
     task = get_task(recipe.eval.task)
     console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows...")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fasttune.errors import Problem, UserError
+from fasttune.model.backends import hf, unsloth
+from fasttune.model.backends.unsloth import import_first
 
 
 @dataclass
@@ -40,8 +42,6 @@ def import_unsloth(explicit: bool, key: str = "model.backend") -> str | None:
     """Import Unsloth before transformers, TRL and PEFT. ``None`` when it imported; otherwise the
     reason to fall back to ``hf`` ("Unsloth raised X"), or a UserError when Unsloth was asked for
     by name (``explicit``)."""
-    from fasttune.model.backends.unsloth import import_first
-
     try:
         import_first()
     except Exception as err:  # any failure inside Unsloth's import (CUDA/driver/version mismatch)
@@ -74,11 +74,8 @@ def _load(source: str, recipe, plan, configs):
     engine = Engine(plan.backend, plan.backend_reason, plan.dtype, plan.attention, plan.device_name,
                     dtype_reason=plan.dtype_reason)
     if plan.backend == "unsloth":
-        from fasttune.model.backends import unsloth
-
         model, engine.fast_path = unsloth.load(source, recipe, plan, configs)
         return model, engine
-    from fasttune.model.backends import hf
 
     model, engine.kernels = hf.load(source, recipe, plan, configs)
     return model, engine

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 
+from fasttune.errors import UserError
+from fasttune.model.local_model import model_target_problem
+
 
 def under_fsdp() -> bool:
     """``accelerate launch`` with an FSDP config sets this; FSDP then places and shards the weights."""
@@ -101,8 +104,6 @@ def load(source: str, recipe, plan, configs):
     kernels = apply_liger(model, plan.device)
     if configs.lora is None:
         return model, kernels
-    from fasttune.errors import UserError
-    from fasttune.model.local_model import model_target_problem
 
     # A local model's targets were checked when the recipe resolved; a hub model's can only be here.
     problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from fasttune.errors import UserError
 from fasttune.model.fast_path import FastPathReport, capture_summary, report_from_messages
+from fasttune.model.local_model import model_target_problem
 
 
 def import_first() -> None:
@@ -55,8 +57,6 @@ def load(source: str, recipe, plan, configs):
     lora, sft = configs.lora, configs.sft
     model, _ = load_base(source, max_seq_length=sft.max_length, dtype=plan.dtype, load_in_4bit=configs.bnb is not None,
                          revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    from fasttune.errors import UserError
-    from fasttune.model.local_model import model_target_problem
 
     problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)  # a hub model's targets
     if problem is not None:
