@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fasttune import machine
 from fasttune.config import Recipe
+from fasttune.data.rows import read_data
 from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.errors import Problem, UserError
 from fasttune.model.source import tokenizer_source
@@ -28,8 +29,9 @@ def inspect_data(recipe: Recipe, count: int = 3) -> dict:
 
     datasets.disable_progress_bars()
     prepared = prepare_elsewhere(recipe, plan_machine(recipe, machine.detect()))
+    rows = read_data(recipe)  # the data's own problems first: they are what inspect is asked about
     source = _tokenizer_source(recipe)
-    made = inputs(prepared, source)
+    made = inputs(prepared, source, rows)
     rules, tokenizer, data = made.train.rules, made.tokenizer, made.data
     examples = []
     for row in made.train.dataset.select(range(min(count, len(made.train.dataset)))):

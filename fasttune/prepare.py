@@ -118,11 +118,11 @@ class Inputs:
     """Of ``train``: lengths, truncation, rows that train nothing, packing."""
 
 
-def inputs(prepared: Prepared, source: str) -> Inputs:
-    """Read the rows, load the tokenizer from ``source`` (a folder or hub id) with the training
-    template, and tokenize and mask the rows once."""
+def inputs(prepared: Prepared, source: str, data: PreparedData | None = None) -> Inputs:
+    """Read the rows (unless ``data`` holds them already), load the tokenizer from ``source`` (a
+    folder or hub id) with the training template, and tokenize and mask the rows once."""
     recipe = prepared.recipe
-    data = read_data(recipe)
+    data = data if data is not None else read_data(recipe)
     try:
         tokenizer, template = load_tokenizer(source, recipe)
     except (OSError, ValueError) as err:

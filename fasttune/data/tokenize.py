@@ -15,7 +15,8 @@ The rules are those of ``SFTTrainer._prepare_dataset`` in trl 1.14.2 (trl/traine
 ``input_ids`` where every applicable mask is 1, else -100. The dataset returned holds
 ``input_ids`` and ``labels`` only: TRL then skips its own tokenization and label building and
 applies truncation (``max_length``, ``truncation_mode``) or packing itself, so training sees the
-same tokens. ``completion_mask`` alone would not do: TRL ignores it on a pre-tokenized dataset
+same tokens (fasttune.train.runner.trainable_rows hands them to SFTTrainer; tests/test_packing.py
+checks they equal what TRL makes of the raw rows). ``completion_mask`` alone would not do: TRL ignores it on a pre-tokenized dataset
 because it decides ``completion_only_loss`` from the first row's keys.
 """
 from __future__ import annotations

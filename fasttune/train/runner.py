@@ -1,7 +1,8 @@
 """One training run, top to bottom: setup (data, tokenizer, model, trainer), train, save.
 
-Scope: a recipe that already resolved, bound and passed the machine checks (the CLI does those
-before calling :func:`run`). Everything is written into the run directory (README "Run directory").
+Scope: a :class:`fasttune.prepare.Prepared` (the recipe resolved, the machine planned, the
+library configs bound: the CLI makes it before calling :func:`run`). Everything is written into the
+run directory (README "Run directory").
 The three stages are separate functions so tests can look at the model between them.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.markup import escape
 
 from fasttune.atomic_io import atomic_dir, atomic_write_text
 from fasttune.config import Recipe
+from fasttune.data.rows import read_data
 from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.disk import disk_full, gib, require_free
 from fasttune.errors import Problem, UserError
@@ -108,14 +110,14 @@ def setup(prepared: Prepared, console) -> Session:
     quiet_library_progress_bars()
     if configs.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = configs.logging_dir
+    data = read_data(recipe)  # before the model: a data problem is said before a GGUF file is converted
+    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
     console.print(f"[bold]model[/] loading {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})"
                   + ("; a GGUF file is converted once, then cached" if names_gguf(recipe.model.name) else ""))
-    source = resolve_model_source(recipe.model.name)
-    inputs = prepare_inputs(prepared, source)
-    data = inputs.data
-    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
     for line in (data.report.lines() if data.report else []):
         console.print(f"[yellow]data[/] {escape(line)}")
+    source = resolve_model_source(recipe.model.name)
+    inputs = prepare_inputs(prepared, source, data)
     console.print(f"[bold]template[/] {escape(inputs.template.describe())}")
     if is_main():
         print_stats(inputs.stats.to_dict(), console)
