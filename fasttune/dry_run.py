@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fasttune.config import Recipe
 from fasttune.data.rows import read_data
-from fasttune.data.tokenize import MaskRules, check_rules, row_shape
+from fasttune.data.tokenize import MaskRules, row_shape, rules_for_shape
 from fasttune.errors import Problem, SourceUnavailable, UserError
 from fasttune.export.checks import tokenizer_export_problems
 from fasttune.model.local_model import model_target_problem
@@ -66,8 +66,9 @@ def dry_run(prepared: Prepared) -> DryRunReport:
         for source_report in (data.report, data.eval_report):
             if source_report is not None:
                 report.checked.extend(source_report.lines())
-        if data.train:
-            check_rules(row_shape(data.train[0]), MaskRules.from_sft(configs.sft))  # what SFTTrainer would refuse
+        if data.train:  # what the loss trains in these rows (or the one combination that cannot be honoured)
+            shape = row_shape(data.train[0])
+            report.checked.append(f"loss mask for {shape} rows: {rules_for_shape(shape, MaskRules.from_sft(configs.sft))[1]}")
     except SourceUnavailable as err:
         report.not_checked.append(f"data: {err}")
 

@@ -64,6 +64,8 @@ def print_stats(stats: dict, console) -> None:
     tokens, cut, masked, packing = stats["tokens"], stats["truncation"], stats["fully_masked"], stats["packing"]
     console.print(f"[bold]tokens[/] per row: min {tokens['min']}, median {tokens['median']:.0f}, p95 {tokens['p95']:.0f}, "
                   f"max {tokens['max']}; {tokens['total']:,} in all, {stats['trained_tokens']:,} trained")
+    if stats.get("trains"):
+        console.print(f"[bold]loss[/] {escape(stats['trains'])}")
     console.print(f"[bold]truncation[/] max_length {cut['max_length']} ({cut['mode']}): {cut['rows']} rows cut, "
                   f"{cut['tokens_cut']:,} tokens lost ({cut['trained_tokens_cut']:,} of them trained)")
     if masked["count"]:

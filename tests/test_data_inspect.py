@@ -55,9 +55,23 @@ def test_trained_text_per_trl_shape(tmp_path, capsys, model_dir, row, overrides,
     assert example["text"].endswith(trained + "\n" if shape in ("messages", "conversational_prompt_completion") else trained)
 
 
-def test_assistant_only_loss_on_text_is_a_user_error(tmp_path, capsys, model_dir):
-    assert main(["data", "inspect", str(write(tmp_path, "text", TEXT)), f"model.name={model_dir}"]) == 2
-    assert "train.assistant_only_loss" in capsys.readouterr().err
+@pytest.mark.parametrize(("row", "shape", "trained", "said"), [
+    (PROMPT_COMPLETION, "prompt_completion", " blue.<|im_end|>", "the completion and its EOS"),
+    (TEXT, "text", "The sky is blue.<|im_end|>", "every token"),
+], ids=["prompt_completion", "text"])
+def test_assistant_only_loss_means_what_the_model_should_say_in_every_shape(tmp_path, capsys, model_dir, row, shape, trained, said):
+    """The recipes' train.assistant_only_loss=true (TRL refuses it on these shapes) trains the
+    completion of prompt-completion rows and every token of text rows, and says which."""
+    doc = inspect_json(capsys, write(tmp_path, shape, row), model_dir)
+    (example,) = doc["examples"]
+    assert example["trained_text"] == trained
+    assert doc["stats"]["trains"].startswith(f"{shape} rows: {said}") and "train.assistant_only_loss" in doc["stats"]["trains"]
+
+
+def test_assistant_only_loss_with_completion_only_loss_false_is_a_user_error(tmp_path, capsys, model_dir):
+    path = write(tmp_path, "prompt_completion", PROMPT_COMPLETION)
+    assert main(["data", "inspect", str(path), f"model.name={model_dir}", "train.completion_only_loss=false"]) == 2
+    assert "train.completion_only_loss = False" in capsys.readouterr().err
 
 
 def test_demo_data(capsys, model_dir):
@@ -116,3 +130,20 @@ def test_labels_equal_sft_trainer(tmp_path, model_dir):
         kept = [(ids[:48], labels[:48]) for ids, labels in zip(ours["input_ids"], ours["labels"]) if set(labels[:48]) != {IGNORE}]
         assert kept and [ids for ids, _ in kept] == theirs["input_ids"]
         assert [labels for _, labels in kept] == theirs["labels"]
+
+
+def test_assistant_only_loss_per_shape_equals_trls_own_rule_for_that_shape(tmp_path, model_dir):
+    """With train.assistant_only_loss on non-conversational rows, fasttune's labels are TRL's own for
+    the rule it applies instead (completion_only_loss for prompt-completion, every token for text)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for rows, trl_rule in (([PROMPT_COMPLETION], {"completion_only_loss": True}), ([TEXT], {})):
+        ours = tokenize(rows, tokenizer, MaskRules(assistant_only_loss=True, max_length=48))
+        assert not ours.rules.assistant_only_loss
+        args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", max_length=48, **trl_rule)
+        theirs = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer).train_dataset
+        assert ours.dataset["input_ids"] == theirs["input_ids"] and ours.dataset["labels"] == theirs["labels"]

@@ -21,6 +21,7 @@ because it decides ``completion_only_loss`` from the first row's keys.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from fasttune.errors import Problem, UserError
@@ -56,11 +57,36 @@ def row_shape(row: dict) -> str:
                             "convert the rows with fasttune.data.rows first"))
 
 
-def check_rules(shape: str, rules: MaskRules) -> None:
-    """Refuse what SFTTrainer would refuse, in the recipe's words (before any tokenizing)."""
-    if rules.assistant_only_loss and shape in ("prompt_completion", "text"):
-        raise UserError(Problem("train.assistant_only_loss", True, f"needs conversational rows; these are {shape!r} (TRL refuses this)",
-                                "set train.assistant_only_loss=false, or give the data as messages"))
+CONVERSATIONAL = ("messages", "conversational_prompt_completion")
+
+
+def rules_for_shape(shape: str, rules: MaskRules) -> tuple[MaskRules, str]:
+    """The rules rows of ``shape`` are masked by, and what they train, in words.
+
+    ``train.assistant_only_loss`` means "train only what the model should say". TRL honours it on
+    conversational rows and refuses it on the others (trl 1.14.2, SFTTrainer.__init__); fasttune
+    applies the intent per shape instead, as TRL's own defaults do for those shapes: the completion
+    and its EOS for prompt-completion rows (``completion_only_loss``), every token for ``text`` rows,
+    which have no turns. Refused only where the recipe asks for both and they cannot both hold: an
+    explicit ``completion_only_loss=false`` on prompt-completion rows."""
+    completion_only = rules.completion_only_loss is not False  # None: on for prompt-completion rows (TRL's default)
+    if shape in CONVERSATIONAL:
+        trained = "the assistant turns, end of turn included" if rules.assistant_only_loss else "every token"
+        if shape == "conversational_prompt_completion" and completion_only:
+            trained = f"the completion ({trained} of it)" if rules.assistant_only_loss else "the completion"
+        return rules, trained
+    if not rules.assistant_only_loss:
+        return rules, "the completion and its EOS" if shape == "prompt_completion" and completion_only else "every token"
+    if shape == "text":
+        return (dataclasses.replace(rules, assistant_only_loss=False),
+                "every token (train.assistant_only_loss on text rows: they have no turns to pick the reply from)")
+    if rules.completion_only_loss is False:
+        raise UserError(Problem("train.completion_only_loss", False, "contradicts train.assistant_only_loss=true on prompt-completion "
+                                "rows: only the completion is what the model should say",
+                                "drop train.completion_only_loss (the completion is then trained), or set train.assistant_only_loss=false "
+                                "to train every token"))
+    return (dataclasses.replace(rules, assistant_only_loss=False, completion_only_loss=True),
+            "the completion and its EOS (train.assistant_only_loss on prompt-completion rows: the completion is the reply)")
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -149,7 +175,9 @@ class Tokenized:
     """datasets.Dataset: length, trained, trained_kept per row (for :func:`measure`)."""
     shape: str
     rules: MaskRules
-    """The SFTConfig fields the tokens and labels were made by."""
+    """The rules the tokens and labels were made by: the recipe's, applied to this shape (:func:`rules_for_shape`)."""
+    trained: str
+    """What the labels train, in words (e.g. "the assistant turns, end of turn included")."""
 
 
 def tokenize(rows: list[dict], tokenizer, rules: MaskRules, num_proc: int | None = None) -> Tokenized:
@@ -163,7 +191,7 @@ def tokenize(rows: list[dict], tokenizer, rules: MaskRules, num_proc: int | None
     if not rows:
         raise UserError(Problem("data", "0 rows", "there is nothing to tokenize", "check data.path and data.max_rows"))
     shape = row_shape(rows[0])
-    check_rules(shape, rules)
+    rules, trained = rules_for_shape(shape, rules)
     if num_proc is None:
         import os
 
@@ -173,7 +201,7 @@ def tokenize(rows: list[dict], tokenizer, rules: MaskRules, num_proc: int | None
                         fn_kwargs={"tokenizer": tokenizer, "shape": shape, "rules": rules},
                         remove_columns=source.column_names, desc=None)
     return Tokenized(mapped.select_columns(["input_ids", "labels"]),
-                     mapped.select_columns(["length", "trained", "trained_kept"]), shape, rules)
+                     mapped.select_columns(["length", "trained", "trained_kept"]), shape, rules, trained)
 
 
 @dataclass
@@ -200,6 +228,8 @@ class TokenReport:
     """max_length, mode, rows, tokens_cut, trained_tokens_cut."""
     fully_masked: dict
     """count and rows (0-based indices): rows with no trained token once truncated; they teach nothing."""
+    trains: str = ""
+    """What the labels of these rows train, with their TRL shape (:func:`rules_for_shape`)."""
     packing: PackingStats = field(default_factory=lambda: PackingStats(False, ""))
 
     def to_dict(self) -> dict:
@@ -232,5 +262,6 @@ def measure(tok: Tokenized, rules: MaskRules, packing: tuple[bool, str] = (False
         truncation={"max_length": max_length, "mode": rules.truncation_mode, "rows": cut_rows,
                     "tokens_cut": int((lengths - kept).sum()), "trained_tokens_cut": int((trained - kept_trained).sum())},
         fully_masked={"count": len(masked), "rows": [int(i) for i in masked]},
+        trains=f"{tok.shape} rows: {tok.trained}",
         packing=stats,
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 from fasttune import machine, prepare
 from fasttune.atomic_io import atomic_write_text
 from fasttune.data.rows import read_data
+from fasttune.data.tokenize import MaskRules, row_shape, rules_for_shape
 from fasttune.errors import EXIT_USER_ERROR, SourceUnavailable, UserError
 from fasttune.model.backends import hf
 from fasttune.model.source import resolve_model_source
@@ -173,6 +174,9 @@ def _vanilla_trainer(prepared, set_seed):
 
     recipe, plan, configs = prepared.recipe, prepared.plan, prepared.configs
     data = read_data(recipe)
+    # The loss fasttune trains for this shape, said to TRL in its own flags (it reads the raw rows).
+    rules, _ = rules_for_shape(row_shape(data.train[0]), MaskRules.from_sft(configs.sft))
+    configs.sft.assistant_only_loss, configs.sft.completion_only_loss = rules.assistant_only_loss, rules.completion_only_loss
     source = resolve_model_source(recipe.model.name)
     tokenizer, _ = load_tokenizer(source, recipe)
     set_seed(configs.sft.seed)
