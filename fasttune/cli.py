@@ -193,7 +193,7 @@ def _finish_exports(recipe, run_dir: Path, console) -> int:
     if not distributed.is_main():
         return 0  # rank 0 exports for every process
     merged, gguf = missing_exports(run_dir, recipe)
-    if recipe.method == "full" or not (merged or gguf):
+    if not (merged or gguf):
         console.print(f"[bold]resume[/] {escape(str(run_dir))}: training finished and every output is there; nothing to do")
         _print_done(recipe, run_dir, console)
         return 0

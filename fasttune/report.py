@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 _KNOWN_FILES = {
     "config.yaml": "the resolved recipe this run used",
     "adapter": "the LoRA adapter (PEFT format)",
+    "model": "the fully fine-tuned model, 16-bit safetensors with its tokenizer (method full)",
     "merged": "the base model with the adapter merged in, 16-bit safetensors",
     "metrics.jsonl": "every logged metric, one JSON object per line",
     "loss.png": "training loss by step, evaluation loss as points",

@@ -55,10 +55,15 @@ def saved_config(run_dir: Path) -> dict:
     return saved
 
 
-def saved_dtype(run_dir: Path) -> str:
-    """The dtype a run's merged model is saved in: its own 16-bit dtype, bfloat16 for a float32 run."""
-    dtype = (saved_config(run_dir).get("machine") or {}).get("dtype")
+def save_dtype(dtype: str) -> str:
+    """The dtype a run's trained or merged model is saved in: the run's own 16-bit dtype, bfloat16
+    for a float32 (CPU) run."""
     return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
+
+
+def saved_dtype(run_dir: Path) -> str:
+    """:func:`save_dtype` of the run in ``run_dir`` (from its config.yaml)."""
+    return save_dtype((saved_config(run_dir).get("machine") or {}).get("dtype"))
 
 
 def check_new_run_folder(run_dir: Path, key: str = "train.output_dir") -> None:

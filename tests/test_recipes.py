@@ -43,7 +43,7 @@ def test_recipe_resolves_and_binds(name, tmp_path):
         assert set(bound.lora.target_modules) == set(family.target_modules)
 
 
-@pytest.mark.parametrize("name", [n for n in recipes.recipe_names() if config.resolve(n).needs_gpu])
+@pytest.mark.parametrize("name", [n for n in recipes.recipe_names() if config.resolve(n).needs_gpu and config.resolve(n).method != "full"])
 def test_gpu_recipes_meet_unsloths_fast_path_conditions(name):
     recipe = config.resolve(name)
     lora = recipe.lora
@@ -52,6 +52,15 @@ def test_gpu_recipes_meet_unsloths_fast_path_conditions(name):
     gpu_plan = plan(recipe, AMPERE_WITH_UNSLOTH)
     expected = "unsloth" if FAMILIES[recipe.family].unsloth else "hf"
     assert gpu_plan.backend == expected and gpu_plan.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name", [n for n in recipes.recipe_names() if config.resolve(n).method == "full"])
+def test_full_fine_tuning_recipes_plan_the_hf_backend_in_bf16(name):
+    recipe = config.resolve(name)
+    assert not recipe.lora and not recipe.quantization
+    gpu_plan = plan(recipe, AMPERE_WITH_UNSLOTH)
+    assert (gpu_plan.backend, gpu_plan.dtype) == ("hf", "bfloat16")
+    assert "full fine-tuning runs on the hf backend" in gpu_plan.backend_reason or recipe.model.backend == "hf"
 
 
 def test_plan_explains_fallbacks():

@@ -47,13 +47,19 @@ class ExportRequest:
 
 
 def request_from_recipe(recipe: Recipe) -> ExportRequest:
-    return ExportRequest(adapter=False, merged=recipe.export.merged or bool(recipe.export.gguf), gguf=list(recipe.export.gguf))
+    """What the recipe's ``export:`` asks for. A full fine-tune has nothing to merge: its ``model/``
+    is the 16-bit model the GGUF files are written from."""
+    merge = recipe.method != "full" and (recipe.export.merged or bool(recipe.export.gguf))
+    return ExportRequest(adapter=False, merged=merge, gguf=list(recipe.export.gguf))
 
 
 def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, tokenizer=None, card_info: dict | None = None) -> list[Path]:
-    """Write what ``request`` asks for from ``run_dir``'s adapter; the paths written."""
+    """Write what ``request`` asks for from ``run_dir``'s adapter (or, for a full fine-tune, its
+    16-bit ``model/``); the paths written."""
     run_dir = Path(run_dir)
     out = Path(request.out or run_dir)
+    if recipe.method == "full":
+        return _export_full(run_dir, out, recipe, request, console, tokenizer)
     adapter_dir = run_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(Problem("RUN_DIR", str(run_dir), "has no adapter/ (the run did not finish, or trained without LoRA)",
@@ -89,10 +95,36 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
     return written
 
 
+def _export_full(run_dir: Path, out: Path, recipe: Recipe, request: ExportRequest, console, tokenizer) -> list[Path]:
+    """A full fine-tune's exports: GGUF files (and Modelfiles) straight from ``model/``."""
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise UserError(Problem("RUN_DIR", str(run_dir), "has no model/ (the full fine-tune did not finish)",
+                                "finish it first: python -m fasttune recipe NAME --resume"))
+    if request.adapter:
+        raise UserError(Problem("--adapter", True, "a full fine-tune has no adapter: every parameter was trained",
+                                f"use the 16-bit model in {model_dir}, or export --gguf"))
+    if request.merged:
+        console.print(f"[bold]merge[/] nothing to merge: {escape(str(model_dir))}/ is the 16-bit model")
+    claim = claim_outputs(out, run_dir, recipe, request)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_disk(out, str(model_dir), merge=False, gguf=request.gguf)
+    if claim is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / MANIFEST, json.dumps(claim, indent=1) + "\n")
+    written = []
+    for index, gguf_type in enumerate(request.gguf):
+        written.extend(_write_gguf(model_dir, out / "gguf", recipe, gguf_type, tokenizer, console, primary=index == 0))
+    return written
+
+
 def planned_outputs(recipe: Recipe, request: ExportRequest) -> list[str]:
     """The paths, relative to the output folder, that ``request`` writes (or, for merged/, reuses)."""
     outputs = ["adapter"] if request.adapter else []
-    if request.merged or request.gguf:
+    if (request.merged or request.gguf) and recipe.method != "full":
         outputs.append("merged")
     for index, gguf_type in enumerate(request.gguf):
         outputs += [f"gguf/{recipe.name}-{gguf_type}.gguf", "gguf/Modelfile" if index == 0 else f"gguf/Modelfile.{gguf_type}"]

@@ -14,22 +14,28 @@ from fasttune.config import Recipe
 
 
 def model_card(recipe: Recipe, info: dict[str, Any] | None = None) -> str:
-    """Markdown for ``recipe``'s merged model; ``info`` holds what the run measured (report keys:
-    train_rows, data_source, data_format, final_train_loss, eval_loss, steps, task)."""
+    """Markdown for ``recipe``'s merged model (or, for a full fine-tune, its trained model); ``info``
+    holds what the run measured (report keys: train_rows, data_source, data_format, final_train_loss,
+    eval_loss, steps, task)."""
     info = info or {}
+    full = recipe.method == "full"
     front = {"base_model": recipe.model.name, "library_name": "transformers",
-             "tags": list(dict.fromkeys(["fasttune", recipe.method, "lora", recipe.family, "text-generation"]))}
+             "tags": list(dict.fromkeys(["fasttune", recipe.method, *([] if full else ["lora"]), recipe.family, "text-generation"]))}
     lora = recipe.lora
+    made = ("Every parameter fine-tuned with fasttune, saved as 16-bit safetensors." if full else
+            "A LoRA adapter trained with fasttune and merged into a 16-bit copy of the base model.")
+    method = (f"full (every parameter trained, optimizer {recipe.train.get('optim') or 'AdamW, the trainer default'})" if full else
+              f"{recipe.method} (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')}, "
+              f"dropout={lora.get('lora_dropout', 0.0)}, targets {', '.join(lora.get('target_modules') or [])})")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {recipe.name} (fine-tuned {recipe.model.name})", "",
         f"{recipe.description or 'A fine-tune made with fasttune.'}", "",
-        "A LoRA adapter trained with fasttune and merged into a 16-bit copy of the base model.", "",
+        made, "",
         "## How it was made", "",
         "| | |", "|---|---|",
         f"| base model | `{recipe.model.name}` |",
-        f"| method | {recipe.method} (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')}, "
-        f"dropout={lora.get('lora_dropout', 0.0)}, targets {', '.join(lora.get('target_modules') or [])}) |",
+        f"| method | {method} |",
         f"| recipe | `{recipe.name}` (fasttune) |",
     ]
     for label, key in (("data", "data_source"), ("data format", "data_format"), ("training rows", "train_rows"),

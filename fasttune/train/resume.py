@@ -67,7 +67,7 @@ def missing_exports(run_dir: Path, recipe: Recipe) -> tuple[bool, list[str]]:
     gguf = [t for index, t in enumerate(types)
             if not (run_dir / "gguf" / f"{recipe.name}-{t}.gguf").is_file()
             or not (run_dir / "gguf" / ("Modelfile" if index == 0 else f"Modelfile.{t}")).is_file()]
-    merged = bool(recipe.export.merged) and not (run_dir / "merged" / "config.json").is_file()
+    merged = bool(recipe.export.merged) and recipe.method != "full" and not (run_dir / "merged" / "config.json").is_file()
     return merged, gguf
 
 

@@ -23,6 +23,7 @@ from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.disk import disk_full, gib, require_free
 from fasttune.errors import Problem, UserError
 from fasttune.export.exporter import export_run, request_from_recipe
+from fasttune.export.model_card import model_card
 from fasttune.inspect_data import print_stats
 from fasttune.machine import MachinePlan
 from fasttune.model import backends
@@ -32,7 +33,7 @@ from fasttune.model.source import resolve_model_source
 from fasttune.prepare import Inputs, Prepared
 from fasttune.prepare import inputs as prepare_inputs
 from fasttune.report import installed_versions, plot_loss, read_metrics, training_summary, write_report
-from fasttune.run_folder import CONFIG, SUMMARY
+from fasttune.run_folder import CONFIG, SUMMARY, save_dtype
 from fasttune.tasks import get_task
 from fasttune.train import space
 from fasttune.train.checkpoints import atomic_checkpoints
@@ -253,9 +254,9 @@ def save(session: Session) -> None:
         # Training is finished once this is written: --resume then redoes only the exports.
         atomic_write_text(run_dir / SUMMARY, json.dumps(info, indent=1, default=str))
         session.after = after
-        if recipe.method != "full" and (recipe.export.merged or recipe.export.gguf):
-            request = request_from_recipe(recipe)
-            request.save_dtype = "bfloat16" if plan.dtype == "float32" else plan.dtype
+        request = request_from_recipe(recipe)
+        if request.merged or request.gguf:
+            request.save_dtype = save_dtype(plan.dtype)
             export(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
                    card_info={**training_summary(metrics), **info})
         write_report(run_dir, info)
@@ -275,7 +276,8 @@ def export(run_dir: Path, recipe: Recipe, request, console, **kwargs) -> list[Pa
 
 
 def save_trained_weights(session: Session) -> Path:
-    """``adapter/`` (LoRA, QLoRA) or ``model/`` (full fine-tuning), with the tokenizer, written atomically."""
+    """``adapter/`` (LoRA, QLoRA) or ``model/`` (full fine-tuning: 16-bit safetensors, sharded, with
+    a model card), with the tokenizer and its training template, written atomically."""
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
     if recipe.method != "full" and not recipe.export.adapter:
         session.console.print("[yellow]note[/] export.adapter=false: the adapter is kept anyway (a run always keeps what it "
@@ -283,11 +285,30 @@ def save_trained_weights(session: Session) -> Path:
     final = run_dir / ("model" if recipe.method == "full" else "adapter")
     with atomic_dir(final) as tmp:
         if recipe.method == "full":
-            trainer.save_model(str(tmp))
+            save_16bit(trainer.model, tmp, save_dtype(session.plan.dtype))
+            card_info = {**training_summary(read_metrics(run_dir / "metrics.jsonl")), "train_rows": len(session.data.train),
+                         "data_source": session.data.source, "data_format": session.data.format}
+            (tmp / "README.md").write_text(model_card(recipe, card_info), encoding="utf-8")
         else:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
         session.tokenizer.save_pretrained(tmp)
     return final
+
+
+def save_16bit(model, folder: Path, dtype: str, max_shard_size: str = "2GB") -> None:
+    """``model`` as ``dtype`` safetensors shards with its config, without changing the model in memory
+    (a float32 CPU run keeps training or evaluating in float32; only the saved copy is 16-bit)."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    state = {name: tensor.detach().to(torch_dtype) if tensor.is_floating_point() else tensor
+             for name, tensor in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    # save_pretrained writes the dtype of the model in memory into config.json; the shards are dtype.
+    config_path = folder / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved["dtype"] = dtype
+    config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
 
 
 def quiet_library_progress_bars() -> None:
