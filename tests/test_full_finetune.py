@@ -87,3 +87,26 @@ def test_export_and_resume_work_from_model(run):
     result = fasttune("recipe", "demo_full", *overrides, "--resume", run_dir, cwd=root)
     assert "redoing the export only (gguf q8_0)" in result.stdout
     assert (run_dir / "gguf" / "demo_full-q8_0.gguf").is_file()
+
+
+def test_resume_from_a_checkpoint_ends_with_the_same_model(tmp_path):
+    """A full fine-tune stopped after checkpoint-2 (its folder as a kill leaves it: checkpoint-2 and
+    nothing after) resumes to the model the uninterrupted run saved."""
+    import shutil
+
+    base = build_tiny_model("llama", load_tokenizer("smollm2"), tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    write_chat_jsonl(data, 16)
+    whole = tmp_path / "whole"
+    args = [f"model.name={base}", f"data.path={data}", "eval.task=null", "train.max_steps=4", "train.save_steps=2",
+            "train.save_total_limit=3", "train.logging_steps=1", "train.learning_rate=1e-3", "export.gguf=[]"]
+    fasttune("recipe", "demo_full", *args, f"train.output_dir={whole}", cwd=tmp_path)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped, ignore=shutil.ignore_patterns("checkpoint-4", "model", "summary.json", "report.md", "loss.png"))
+    (stopped / "config.yaml").write_text((whole / "config.yaml").read_text().replace(str(whole), str(stopped)))
+    result = fasttune("recipe", "demo_full", *args, f"train.output_dir={stopped}", "--resume", stopped, cwd=tmp_path)
+    assert "from " in result.stdout and "checkpoint-2" in result.stdout
+    ours, theirs = _weights(stopped / "model"), _weights(whole / "model")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=0, rtol=0, msg=name)  # bf16 copies of the same fp32 weights
