@@ -110,3 +110,20 @@ def test_resume_from_a_checkpoint_ends_with_the_same_model(tmp_path):
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=0, rtol=0, msg=name)  # bf16 copies of the same fp32 weights
+
+
+def test_tied_embeddings_are_saved_once_and_the_model_in_memory_is_untouched(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: the 16-bit copy keeps them one tensor (as the base's
+    files have them), and the float32 model that goes on to evaluate stays float32."""
+    from fasttune.train.runner import save_16bit
+    from fixtures.tiny_models import tiny_config
+
+    config = tiny_config("llama", load_tokenizer("smollm2"))
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    save_16bit(model, tmp_path, "bfloat16")
+    saved = _weights(tmp_path)
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    assert next(model.parameters()).dtype == torch.float32
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16 and reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()

@@ -301,8 +301,15 @@ def save_16bit(model, folder: Path, dtype: str, max_shard_size: str = "2GB") -> 
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    state = {name: tensor.detach().to(torch_dtype) if tensor.is_floating_point() else tensor
-             for name, tensor in model.state_dict().items()}
+    # Tied weights (embeddings and lm_head) share one tensor: convert it once, so save_pretrained
+    # still sees one storage and writes it once.
+    converted: dict[tuple, object] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in converted:
+            converted[key] = tensor.detach().to(torch_dtype) if tensor.is_floating_point() else tensor
+        state[name] = converted[key]
     model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
     # save_pretrained writes the dtype of the model in memory into config.json; the shards are dtype.
     config_path = folder / "config.json"
