@@ -31,9 +31,9 @@ def _config_and_tokenizer(recipe: Recipe, report: DryRunReport) -> str | None:
     not on this machine: a GGUF file not converted yet, a hub model not cached while offline."""
     name = recipe.model.name
     if is_local(name):
+        if Path(name).expanduser().is_dir():
+            check_local_folder(Path(name).expanduser())  # safetensors only, as the run will load it
         folder = tokenizer_source(name)
-        if folder is not None and folder == str(Path(name).expanduser()):
-            check_local_folder(Path(folder))  # safetensors only, as the run will load it
         if folder is None:
             report.not_checked.append(f"model {name}: converted from GGUF on the first real run (a dry run reads no weights); "
                                       "tokenizer, template, LoRA target modules and parameter count were not checked")

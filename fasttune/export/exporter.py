@@ -54,68 +54,50 @@ def request_from_recipe(recipe: Recipe) -> ExportRequest:
 
 
 def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, tokenizer=None, card_info: dict | None = None) -> list[Path]:
-    """Write what ``request`` asks for from ``run_dir``'s adapter (or, for a full fine-tune, its
-    16-bit ``model/``); the paths written."""
+    """Write what ``request`` asks for from ``run_dir``'s adapter (merged into the base first for
+    GGUF), or, for a full fine-tune, from its 16-bit ``model/`` (nothing to merge); the paths written."""
     run_dir = Path(run_dir)
     out = Path(request.out or run_dir)
-    if recipe.method == "full":
-        return _export_full(run_dir, out, recipe, request, console, tokenizer)
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(Problem("RUN_DIR", str(run_dir), "has no adapter/ (the run did not finish, or trained without LoRA)",
+    full = recipe.method == "full"
+    trained = run_dir / ("model" if full else "adapter")
+    if not (trained / ("config.json" if full else "adapter_config.json")).is_file():
+        raise UserError(Problem("RUN_DIR", str(run_dir), "has no model/ (the full fine-tune did not finish)" if full else
+                                "has no adapter/ (the run did not finish, or trained without LoRA)",
+                                "finish it first: python -m fasttune recipe NAME --resume" if full else
                                 "export a finished LoRA/QLoRA run: python -m fasttune recipe NAME --resume finishes an interrupted one"))
+    if full and request.adapter:
+        raise UserError(Problem("--adapter", True, "a full fine-tune has no adapter: every parameter was trained",
+                                f"use the 16-bit model in {trained}, or export --gguf"))
     claim = claim_outputs(out, run_dir, recipe, request)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    source = resolve_model_source(recipe.model.name)
-    if card_info is None and (run_dir / "metrics.jsonl").is_file():
-        card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
-    merged_dir = out / "merged"
-    need_merge = (request.merged or request.gguf) and not (merged_dir / "config.json").is_file()
-    check_disk(out, source, merge=bool(need_merge), gguf=request.gguf)
+        tokenizer = AutoTokenizer.from_pretrained(trained)
+    if full:
+        source, model_dir, need_merge = str(trained), trained, False
+        if request.merged:
+            console.print(f"[bold]merge[/] nothing to merge: {escape(str(trained))}/ is the 16-bit model")
+    else:
+        source, model_dir = resolve_model_source(recipe.model.name), out / "merged"
+        need_merge = bool(request.merged or request.gguf) and not (model_dir / "config.json").is_file()
+    check_disk(out, source, merge=need_merge, gguf=request.gguf)
     if claim is not None:  # recorded before the outputs are written (each appears whole, by rename)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / MANIFEST, json.dumps(claim, indent=1) + "\n")
     written = []
     if request.adapter and out.resolve() != run_dir.resolve():
         tmp = temp_dir_beside(out / "adapter")
-        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        shutil.copytree(trained, tmp, dirs_exist_ok=True)
         written.append(atomic_replace_dir(tmp, out / "adapter"))
     if need_merge:
-        console.print(f"[bold]merge[/] adapter -> {escape(str(merged_dir))}/ (16-bit, shard by shard)")
-        result = merge_adapter(source, adapter_dir, merged_dir, tokenizer, save_dtype=request.save_dtype,
+        if card_info is None and (run_dir / "metrics.jsonl").is_file():
+            card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
+        console.print(f"[bold]merge[/] adapter -> {escape(str(model_dir))}/ (16-bit, shard by shard)")
+        result = merge_adapter(source, trained, model_dir, tokenizer, save_dtype=request.save_dtype,
                                revision=recipe.model.revision, card=model_card(recipe, card_info))
         written.append(result.path)
-    elif request.merged or request.gguf:
-        console.print(f"[bold]merge[/] {escape(str(merged_dir))}/ exists; exporting from it")
-    for index, gguf_type in enumerate(request.gguf):
-        written.extend(_write_gguf(merged_dir, out / "gguf", recipe, gguf_type, tokenizer, console, primary=index == 0))
-    return written
-
-
-def _export_full(run_dir: Path, out: Path, recipe: Recipe, request: ExportRequest, console, tokenizer) -> list[Path]:
-    """A full fine-tune's exports: GGUF files (and Modelfiles) straight from ``model/``."""
-    model_dir = run_dir / "model"
-    if not (model_dir / "config.json").is_file():
-        raise UserError(Problem("RUN_DIR", str(run_dir), "has no model/ (the full fine-tune did not finish)",
-                                "finish it first: python -m fasttune recipe NAME --resume"))
-    if request.adapter:
-        raise UserError(Problem("--adapter", True, "a full fine-tune has no adapter: every parameter was trained",
-                                f"use the 16-bit model in {model_dir}, or export --gguf"))
-    if request.merged:
-        console.print(f"[bold]merge[/] nothing to merge: {escape(str(model_dir))}/ is the 16-bit model")
-    claim = claim_outputs(out, run_dir, recipe, request)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    check_disk(out, str(model_dir), merge=False, gguf=request.gguf)
-    if claim is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / MANIFEST, json.dumps(claim, indent=1) + "\n")
-    written = []
+    elif not full and (request.merged or request.gguf):
+        console.print(f"[bold]merge[/] {escape(str(model_dir))}/ exists; exporting from it")
     for index, gguf_type in enumerate(request.gguf):
         written.extend(_write_gguf(model_dir, out / "gguf", recipe, gguf_type, tokenizer, console, primary=index == 0))
     return written
