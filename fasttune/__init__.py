@@ -1,7 +1,7 @@
 """fasttune: single-GPU LoRA/QLoRA fine-tuning from named recipes (see README.md).
 
 ``from fasttune import FastLanguageModel`` gives Unsloth's calling convention on either backend
-(fasttune/model/fast.py). It is imported on first use, so ``python -m fasttune --help`` and the
+(fasttune/unsloth_api/fast_language_model.py). It is imported on first use, so ``python -m fasttune --help`` and the
 recipe listing never import torch.
 """
 
@@ -11,7 +11,7 @@ __all__ = ["FastLanguageModel", "__version__"]
 
 def __getattr__(name: str):
     if name == "FastLanguageModel":
-        from fasttune.model.fast import FastLanguageModel
+        from fasttune.unsloth_api.fast_language_model import FastLanguageModel
 
         return FastLanguageModel
     raise AttributeError(f"module 'fasttune' has no attribute {name!r}")

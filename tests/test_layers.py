@@ -26,7 +26,7 @@ LAYERS = {
              "tasks", "output_paths", "disk", "hub", "run_folder", "gguf_types"),
     "stations": ("machine", "binding", "prepare", "dry_run", "inspect_data", "doctor", "report", "data", "model",
                  "train", "export"),
-    "entry": ("cli", "__main__", "fasttune", "side_by_side"),  # "fasttune" = the package's own __init__.py
+    "entry": ("cli", "__main__", "fasttune", "side_by_side", "unsloth_api"),  # "fasttune" = the package's own __init__.py
 }
 PACKAGE = Path(__file__).resolve().parents[1] / "fasttune"
 
