@@ -1,6 +1,6 @@
 """A recipe, resolved: named recipe + ``extends`` + command-line overrides, checked (torch-free).
 
-fasttune's own sections (``model``, ``data``, ``eval``, ``export``) are typed dataclasses below.
+fasttune's own sections (``model``, ``data``, ``eval``, ``export``, ``hooks``) are typed dataclasses below.
 The sections that feed a library class pass through as mappings and are bound to that class by
 :mod:`fasttune.binding` (``quantization`` → ``BitsAndBytesConfig``, ``lora`` → ``peft.LoraConfig``,
 ``train`` → ``trl.SFTConfig``), so every field of those classes is reachable without retyping them.
@@ -8,6 +8,7 @@ The sections that feed a library class pass through as mappings and are bound to
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ class ModelSection:
     """Hub id, local folder (safetensors), or ``package:<pkg>/<file>.gguf`` (a GGUF file shipped in an installed package)."""
     revision: typing.Optional[str] = None
     """Hub revision (branch, tag or commit) to load."""
+    adapter: typing.Optional[str] = None
+    """A LoRA adapter to train on from: a PEFT adapter folder, a fasttune run folder (its ``adapter/``) or a
+    hub id. Its own ``adapter_config.json`` sets the LoRA settings; a ``lora:`` value that contradicts it is refused."""
     backend: typing.Literal["auto", "unsloth", "hf"] = "auto"
     """``unsloth`` (fused kernels), ``hf`` (transformers + PEFT), or ``auto``: Unsloth where it can run."""
     attn_implementation: typing.Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -73,14 +77,18 @@ class DataSection:
     tokenizer's own template when that is a known format, else the family's."""
     system_prompt: typing.Optional[str] = None
     """System turn added to conversations that have none."""
-    eval_path: typing.Union[str, list[str], None] = None
-    """A separate held-out file, or several (same shape as ``path``); used instead of ``eval_fraction``."""
+    eval_path: typing.Union[str, list[str], dict[str, typing.Union[str, list[str]]], None] = None
+    """A separate held-out file, or several (same shape as ``path``); used instead of ``eval_fraction``. Or
+    several eval sets, each evaluated and logged on its own: a mapping of a name (letters, digits, ``_``) to
+    its file(s), e.g. ``{easy: easy.jsonl, hard: hard.jsonl}`` (``data.eval_path.easy=easy.jsonl`` on the
+    command line); their losses are ``eval_<name>_loss``, and the task metric uses the first set."""
     eval_fraction: float = 0.0
-    """Fraction of ``path`` held out for evaluation (seeded by ``seed``) when there is no ``eval_path``."""
+    """Fraction of ``path`` held out for evaluation (seeded by ``seed``) when there is no ``eval_path``
+    (refused together with named eval sets: name the held-out rows as a set of their own)."""
     max_rows: typing.Optional[int] = None
     """Use only the first N training rows."""
     eval_rows: typing.Optional[int] = None
-    """Use only the first N evaluation rows."""
+    """Use only the first N evaluation rows (of each eval set)."""
     seed: int = 42
     """Seed for the train/eval split and generated data."""
 
@@ -108,10 +116,40 @@ class ExportSection:
     """llama.cpp's name for the BPE pre-tokenizer (``tokenizer.ggml.pre``); default: recognized from the tokenizer."""
 
 
+@dataclass
+class HooksSection:
+    """Functions of the user's that SFTTrainer calls, each named ``module:attribute``. The module is
+    imported from the current folder (as ``python -m`` does) or the installed packages; a Python caller
+    gives the objects themselves (``fasttune.hooks.Hooks``)."""
+
+    formatting_func: typing.Optional[str] = None
+    """Called with each row (a dict of the data's own columns, train and eval), returns the text to train
+    on, as TRL's ``SFTTrainer(formatting_func=...)`` does: the rows become ``text`` rows, every token is
+    trained, EOS appended (trl 1.14.2, ``SFTTrainer._prepare_dataset``). Replaces ``data.mapping``/``format``."""
+    compute_metrics: typing.Optional[str] = None
+    """Called by every evaluation with a ``transformers.EvalPrediction``, returns ``{name: number}``
+    (logged as ``eval_<name>``, or ``eval_<set>_<name>`` per named eval set)."""
+    preprocess_logits_for_metrics: typing.Optional[str] = None
+    """Called with ``(logits, labels)`` of each eval batch, returns what ``compute_metrics`` gets as
+    predictions (e.g. ``logits.argmax(-1)``), so evaluation does not hold every logit in memory."""
+    callbacks: list[str] = dataclasses.field(default_factory=list)
+    """``transformers.TrainerCallback``s added to fasttune's own: a class (made with no arguments), an
+    instance, or a function returning one."""
+
+    def named(self) -> dict[str, str]:
+        """``hooks.<key>`` (``hooks.callbacks[i]`` for each callback) -> its ``module:attribute``, for those set."""
+        out = {f"hooks.{key}": getattr(self, key) for key in ("formatting_func", "compute_metrics", "preprocess_logits_for_metrics")}
+        out.update({f"hooks.callbacks[{i}]": spec for i, spec in enumerate(self.callbacks)})
+        return {key: spec for key, spec in out.items() if spec is not None}
+
+
+EVAL_SET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""A named eval set: it becomes part of metric keys (``eval_<name>_loss``)."""
+
 BUILTIN_PREFIX = "builtin:"
 """``data.path`` of a task fasttune generates itself (fasttune.tasks): ``builtin:<task>``."""
 
-OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection}
+OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection, "hooks": HooksSection}
 TOP_LEVEL = ("name", "description", "family", "method", "gpu_memory_gb", "extends")
 RUN_KEYS = ("machine",)
 """Keys fasttune adds to a run's config.yaml (what ran it): ignored when that file is read back as a recipe."""
@@ -134,6 +172,7 @@ class Recipe:
     quantization: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    hooks: HooksSection = field(default_factory=HooksSection)
 
     @property
     def needs_gpu(self) -> bool:
@@ -149,7 +188,8 @@ class Recipe:
             "gpu_memory_gb": self.gpu_memory_gb,
         }
         for section in OWNED_SECTIONS:
-            out[section] = dataclasses.asdict(getattr(self, section))
+            if section != "hooks" or self.hooks.named():  # no hooks: config.yaml and `show` as before hooks existed
+                out[section] = dataclasses.asdict(getattr(self, section))
         for section in LIBRARY_SECTIONS:
             value = getattr(self, section)
             if value or section == "train":
@@ -175,9 +215,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         target = out
         for part in parts[:-1]:
             nested = target.get(part)
-            if not isinstance(nested, dict):
-                nested = {}
-                target[part] = nested
+            # a copy on the way down: data.eval_path.easy=... must not edit the recipe's own mapping
+            nested = dict(nested) if isinstance(nested, dict) else {}
+            target[part] = nested
             target = nested
         target[parts[-1]] = parse_value(text)
     if problems:
@@ -221,11 +261,79 @@ def _data_problems(data: DataSection) -> list[Problem]:
     if len(paths) > 1 and any(p.startswith(BUILTIN_PREFIX) for p in paths):
         problems.append(Problem("data.path", data.path, "a builtin: task cannot be combined with other sources",
                                 "use the builtin task alone, or only files and hub datasets"))
+    if isinstance(data.eval_path, dict):
+        problems.extend(_eval_set_problems(data))
     for key in ("max_rows", "eval_rows"):
         value = getattr(data, key)
         if value is not None and value < (1 if key == "max_rows" else 0):
             problems.append(Problem(f"data.{key}", value, "must be a positive number of rows" if key == "max_rows" else "must be 0 or more",
                                     "set it to a row count, or null for all rows"))
+    return problems
+
+
+def eval_sets(spec: typing.Union[str, list, dict, None]) -> dict[str, list[str]]:
+    """The named eval sets of ``data.eval_path`` (name -> its sources), or ``{}`` when it is one set."""
+    return {str(name): source_paths(paths) for name, paths in spec.items()} if isinstance(spec, dict) else {}
+
+
+def _eval_set_problems(data: DataSection) -> list[Problem]:
+    """Named eval sets: each name a simple identifier (it becomes a metric key), each with sources."""
+    problems = []
+    if not data.eval_path:
+        problems.append(Problem("data.eval_path", data.eval_path, "is an empty mapping of eval sets",
+                                "name at least one set (data.eval_path.easy=easy.jsonl), or leave data.eval_path out"))
+    for name, paths in data.eval_path.items():
+        if not isinstance(name, str) or not EVAL_SET_NAME.match(name):
+            problems.append(Problem(f"data.eval_path.{name}", paths, "an eval set's name must be letters, digits and _ (not first a "
+                                    "digit): it becomes the metric key eval_<name>_loss",
+                                    f"rename it, e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(name)).lstrip('0123456789') or 'set1'}"))
+        elif not isinstance(paths, (str, list)) or not source_paths(paths):
+            problems.append(Problem(f"data.eval_path.{name}", paths, "must name a file (or a list of files) of held-out rows",
+                                    f"set data.eval_path.{name}=<file.jsonl>"))
+        elif any(p.startswith(BUILTIN_PREFIX) for p in source_paths(paths)):
+            problems.append(Problem(f"data.eval_path.{name}", paths, "an eval set is read from files or hub datasets, not a builtin: task",
+                                    "point it at a file"))
+    if data.eval_fraction > 0:
+        problems.append(Problem("data.eval_fraction", data.eval_fraction, "holds rows out of data.path, but data.eval_path names eval "
+                                "sets: which set would they join?", "set data.eval_fraction=0, and give the held-out rows a file "
+                                                                     "of their own in data.eval_path"))
+    return problems
+
+
+def hook_form_problems(hooks: HooksSection) -> list[Problem]:
+    """Each hook is written ``module:attribute`` (whether it imports is fasttune.hooks' check)."""
+    problems = []
+    for key, spec in hooks.named().items():
+        module, sep, attribute = spec.partition(":")
+        if not sep or not module.strip() or not attribute.strip() or ":" in attribute:
+            problems.append(Problem(key, spec, "is written module:attribute, e.g. my_hooks:format_row (a module in the current folder "
+                                    "or an installed package, then the name in it)",
+                                    f"write it as MODULE:NAME, e.g. {spec.replace('.', ':', 1) if '.' in spec and not sep else 'my_hooks:' + spec.strip(':')}"))
+    return problems
+
+
+def formatting_func_problems(recipe: "Recipe", func: object, where: str = "hooks.formatting_func") -> list[Problem]:
+    """What a formatting_func (``func``: its ``module:attribute``, or the object) cannot be combined
+    with: it builds text rows from the data's own columns, so the settings that build or read other
+    row shapes would be silently unused."""
+    problems = []
+    data = recipe.data
+    if data.mapping is not None:
+        problems.append(Problem(where, func, "builds each row from the data's columns, and so does data.mapping",
+                                "keep one of them: remove data.mapping, or hooks.formatting_func"))
+    if data.format != "auto":
+        problems.append(Problem("data.format", data.format, f"does not apply with {where}: it makes every row a text row",
+                                "leave data.format at auto"))
+    if data.system_prompt is not None:
+        problems.append(Problem("data.system_prompt", data.system_prompt, f"adds a system turn to conversations; {where} makes text rows",
+                                "write the system text in the formatting function, or remove data.system_prompt"))
+    if recipe.train.get("completion_only_loss") is True:
+        # trl 1.14.2 SFTTrainer.__init__ refuses the same: formatted rows are language modelling rows.
+        problems.append(Problem("train.completion_only_loss", True, f"contradicts {where}: its text rows have no completion, "
+                                "every token trains (TRL refuses the pair too)", "drop train.completion_only_loss"))
+    if recipe.eval.task:
+        problems.append(Problem("eval.task", recipe.eval.task, f"generates answers from conversation rows, and {where} makes text rows",
+                                "set eval.task=null"))
     return problems
 
 
@@ -307,6 +415,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(Problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)", "use e.g. 0.05 for a 5% held-out split"))
     problems.extend(_data_problems(data))
+    problems.extend(hook_form_problems(sections["hooks"]))
     bad = [t for t in sections["export"].gguf if t not in GGUF_TYPES]
     if bad:
         problems.append(Problem("export.gguf", sections["export"].gguf, f"types must be among {', '.join(GGUF_TYPES)}",
@@ -314,7 +423,7 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
 
     if family in FAMILIES:
         fam = FAMILIES[family]
-        if method in ("qlora", "lora"):
+        if method in ("qlora", "lora") and not model.adapter:  # an adapter brings its own targets
             library["lora"].setdefault("target_modules", list(fam.target_modules))
     if data.chat_template != "auto" and data.chat_template not in TEMPLATES:
         problems.append(Problem("data.chat_template", data.chat_template, f"must be auto or one of {', '.join(sorted(TEMPLATES))}",
@@ -325,6 +434,9 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
     elif method in METHODS and library["quantization"]:
         problems.append(Problem("quantization", sorted(library["quantization"]), f"applies to method qlora only (this recipe is {method})",
                                 "remove the quantization section, or set method=qlora"))
+    if method == "full" and model.adapter:
+        problems.append(Problem("model.adapter", model.adapter, "trains a LoRA adapter on (methods qlora and lora); "
+                                "method full trains every parameter", "set method=lora or method=qlora, or remove model.adapter"))
     if method == "full" and library["lora"]:
         problems.append(Problem("lora", sorted(library["lora"]), "applies to methods qlora and lora (this recipe is full)",
                                 "remove the lora section, or set method=lora"))
@@ -343,6 +455,8 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
         train=library["train"],
         **sections,
     )
+    if recipe.hooks.formatting_func is not None:
+        problems.extend(formatting_func_problems(recipe, recipe.hooks.formatting_func))
     for check in checks:
         problems.extend(check(recipe))
     if problems:

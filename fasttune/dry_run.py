@@ -59,13 +59,19 @@ def dry_run(prepared: Prepared) -> DryRunReport:
     report = DryRunReport()
     report.checked.append("recipe keys and values bound to SFTConfig"
                           + (", LoraConfig" if configs.lora else "") + (", BitsAndBytesConfig" if configs.bnb else ""))
+    if recipe.model.adapter:
+        lora, targets = recipe.lora, recipe.lora.get("target_modules")
+        shown = ", ".join(targets) if isinstance(targets, list) else targets
+        report.checked.append(f"adapter {recipe.model.adapter}: trains on from it with its own settings (r {lora.get('r')}, "
+                              f"alpha {lora.get('lora_alpha')}, targets {shown})")
     data = None
+    formatting_func = prepared.hooks.formatting_func
     try:
-        data = read_data(recipe)
-        report.checked.append(f"data {data.source}: {len(data.train)} train / {len(data.eval)} eval rows, format {data.format}")
-        for source_report in (data.report, data.eval_report):
-            if source_report is not None:
-                report.checked.extend(source_report.lines())
+        data = read_data(recipe, formatting_func)
+        report.checked.append(f"data {data.source}: {len(data.train)} train / {data.eval_summary()}, format {data.format}"
+                              + (" (rows made by hooks.formatting_func)" if formatting_func else ""))
+        for source_report in data.reports():
+            report.checked.extend(source_report.lines())
         if data.train:  # what the loss trains in these rows (or the one combination that cannot be honoured)
             shape = row_shape(data.train[0])
             report.checked.append(f"loss mask for {shape} rows: {rules_for_shape(shape, MaskRules.from_sft(configs.sft))[1]}")
@@ -81,6 +87,12 @@ def dry_run(prepared: Prepared) -> DryRunReport:
     refused = tokenizer_export_problems(tokenizer, recipe)
     if refused:
         raise UserError(refused, "the export this recipe asks for would be refused after training")
+    if formatting_func is not None and data is not None and data.train:
+        # the first row as it trains: the formatting_func's text and EOS, as TRL 1.14.2 appends it to text rows
+        text = data.train[0]["text"]
+        ids = tokenizer(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
+        report.checked.append(f"hooks.formatting_func: first row -> {len(ids)} tokens, every one trained: {text[:80]!r}"
+                              + ("..." if len(text) > 80 else ""))
     if recipe.export.gguf:
         report.checked.append(f"GGUF export ({', '.join(recipe.export.gguf)}): family, templates and tokenizer can be written")
     if data is not None and data.train and "messages" in data.train[0]:

@@ -29,7 +29,7 @@ def inspect_data(recipe: Recipe, count: int = 3) -> dict:
 
     datasets.disable_progress_bars()
     prepared = prepare_elsewhere(recipe, plan_machine(recipe, machine.detect()))
-    rows = read_data(recipe)  # the data's own problems first: they are what inspect is asked about
+    rows = read_data(recipe, prepared.hooks.formatting_func)  # the data's own problems first: they are what inspect is asked about
     source = _tokenizer_source(recipe)
     made = inputs(prepared, source, rows)
     rules, tokenizer, data = made.train.rules, made.tokenizer, made.data
@@ -40,8 +40,10 @@ def inspect_data(recipe: Recipe, count: int = 3) -> dict:
         examples.append({"input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
                          "trained_text": tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE]),
                          "pieces": _pieces(ids, labels, tokenizer)})
-    notes = [note for report_ in (data.report, data.eval_report) if report_ is not None for note in report_.notes]
-    return {"format": data.format, "shape": made.train.shape, "rows": len(data.train), "eval_rows": len(data.eval),
+    notes = [note for report_ in data.reports() for note in report_.notes]
+    return {"format": data.format, "shape": made.train.shape, "rows": len(data.train),
+            "eval_rows": sum(map(len, data.eval_sets.values())) if data.eval_sets else len(data.eval),
+            "eval_sets": {name: len(set_rows) for name, set_rows in data.eval_sets.items()},
             "source": data.source, "tokenizer": source, "notes": notes, "stats": made.stats.to_dict(), "examples": examples}
 
 
@@ -82,8 +84,11 @@ def render(document: dict, console) -> None:
     from rich.text import Text
 
     stats = document["stats"]
+    sets = document.get("eval_sets") or {}
+    held_out = (f"eval sets {', '.join(f'{escape(name)} {count}' for name, count in sets.items())} rows" if sets
+                else f"{document['eval_rows']} eval rows")
     console.print(f"[bold]data[/] {escape(document['source'])}: {document['rows']} train rows ({document['format']}, TRL shape "
-                  f"{document['shape']}), {document['eval_rows']} eval rows; tokenizer {escape(document['tokenizer'])}")
+                  f"{document['shape']}), {held_out}; tokenizer {escape(document['tokenizer'])}")
     for note in document.get("notes", []):
         console.print(f"[yellow]note[/] {escape(note)}")
     print_stats(stats, console)

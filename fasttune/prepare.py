@@ -11,9 +11,10 @@ made once and never edited afterwards:
     device, dtype, backend and attention with their reasons (fasttune.machine). A process that
     will train imports Unsloth here, before transformers, TRL and PEFT; if that import fails the
     plan is made with the failure (backend ``hf``, the reason said).
-``prepare(recipe, plan, run_dir)``
+``prepare(recipe, plan, run_dir, hooks=None)``
     the library configs bound to the plan (SFTConfig, LoraConfig, BitsAndBytesConfig) with the
-    packing decision and its reason (fasttune.binding).
+    packing decision and its reason (fasttune.binding), and the SFTTrainer hooks as objects: the
+    recipe's ``hooks:`` imported, or a Python caller's :class:`Hooks` (fasttune.hooks).
 ``inputs(prepared, source)``
     the rows (fasttune.data.rows), the tokenizer with the training template
     (fasttune.model.tokenizer), and the rows tokenized and masked once (fasttune.data.tokenize):
@@ -24,7 +25,7 @@ Imports stay torch-free at module level: ``show`` and ``recipes`` resolve throug
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttune import config, machine
@@ -36,8 +37,10 @@ from fasttune.data.tokenize import MaskRules, Tokenized, TokenReport, measure, t
 from fasttune.errors import Problem, UserError
 from fasttune.export.checks import export_problems
 from fasttune.families import FAMILIES
+from fasttune.hooks import Hooks, hook_problems, keep_logits, ready
 from fasttune.machine import MachineFacts, MachinePlan
 from fasttune.model.backends import import_unsloth
+from fasttune.model import trained_adapter
 from fasttune.model.local_model import local_model_problems
 from fasttune.model.tokenizer import TemplateChoice, load_tokenizer
 
@@ -48,16 +51,27 @@ def station_problems(recipe: Recipe) -> list[Problem]:
     problems = []
     if recipe.data.mapping is not None:
         problems.extend(compile_mapping(recipe.data.mapping)[1])
+    targets = recipe.lora.get("target_modules")
+    if recipe.model.adapter and recipe.method != "full":
+        try:
+            adapter = trained_adapter.locate(recipe.model.adapter)
+            problems.extend(trained_adapter.contradictions(recipe.lora, adapter))
+            targets = adapter.settings().get("target_modules")
+        except UserError as err:
+            problems.extend(err.problems)
     if recipe.model.name:
-        problems.extend(local_model_problems(recipe.model.name, recipe.lora.get("target_modules")))
+        problems.extend(local_model_problems(recipe.model.name, targets))
     if recipe.family in FAMILIES:
         problems.extend(export_problems(recipe))
+    problems.extend(hook_problems(recipe))
     return problems
 
 
 def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """The recipe, every problem of it (fasttune's rules and the stations') raised together."""
-    return config.resolve(name_or_path, overrides, checks=(station_problems,))
+    """The recipe, every problem of it (fasttune's rules and the stations') raised together. With
+    ``model.adapter``, its ``lora:`` section holds the adapter's own settings."""
+    recipe = config.resolve(name_or_path, overrides, checks=(station_problems,))
+    return trained_adapter.adopt(recipe) if recipe.model.adapter else recipe
 
 
 def plan_machine(recipe: Recipe, facts: MachineFacts, *, force_cpu: bool = False, training: bool = False) -> MachinePlan:
@@ -80,24 +94,33 @@ class Prepared:
     plan: MachinePlan
     configs: LibraryConfigs
     run_dir: Path
+    hooks: Hooks = Hooks()
+    """The SFTTrainer hooks (formatting_func, compute_metrics, ..., callbacks) as objects."""
 
     @property
     def notes(self) -> tuple[str, ...]:
-        """What the plan and the binding decided that the recipe did not say, with the reasons."""
-        return (*self.plan.notes, *self.configs.notes)
+        """What the plan and the binding decided that the recipe did not say, with the reasons (and
+        a base model other than the one ``model.adapter`` was trained on)."""
+        adapter = self.recipe.model.adapter
+        note = trained_adapter.base_note(self.recipe.model.name, trained_adapter.locate(adapter)) if adapter else None
+        return (*self.plan.notes, *self.configs.notes, *((note,) if note else ()))
 
 
-def prepare(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> Prepared:
-    return Prepared(recipe, plan, bind(recipe, plan, run_dir), run_dir)
+def prepare(recipe: Recipe, plan: MachinePlan, run_dir: Path, hooks: Hooks | None = None) -> Prepared:
+    """``hooks``: a Python caller's objects; each one set replaces the recipe's ``hooks:`` entry for
+    that key (callbacks: the whole list). They are not written to config.yaml: a resumed run from
+    Python is given them again."""
+    hooks = ready(recipe, hooks)
+    return Prepared(recipe, plan, keep_logits(bind(recipe, plan, run_dir), recipe, hooks), run_dir, hooks)
 
 
-def prepare_elsewhere(recipe: Recipe, plan: MachinePlan) -> Prepared:
+def prepare_elsewhere(recipe: Recipe, plan: MachinePlan, hooks: Hooks | None = None) -> Prepared:
     """``prepare`` for a verb that writes no run (``data inspect``, a bench's checks): bound in a
     throwaway folder, since SFTConfig wants an output_dir."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        return prepare(recipe, plan, Path(tmp))
+        return prepare(recipe, plan, Path(tmp), hooks)
 
 
 @dataclass(frozen=True)
@@ -113,16 +136,18 @@ class Inputs:
     train: Tokenized
     """The training rows, tokenized and masked as TRL would (what SFTTrainer trains on)."""
     eval: Tokenized | None
-    """The same for the held-out rows (None without any)."""
+    """The same for the held-out rows (None without any; the first set of named eval sets)."""
     stats: TokenReport
     """Of ``train``: lengths, truncation, rows that train nothing, packing."""
+    eval_sets: dict[str, Tokenized] = field(default_factory=dict)
+    """Named eval sets (``data.eval_path`` a mapping), each tokenized the same way; empty otherwise."""
 
 
 def inputs(prepared: Prepared, source: str, data: PreparedData | None = None) -> Inputs:
     """Read the rows (unless ``data`` holds them already), load the tokenizer from ``source`` (a
     folder or hub id) with the training template, and tokenize and mask the rows once."""
     recipe = prepared.recipe
-    data = data if data is not None else read_data(recipe)
+    data = data if data is not None else read_data(recipe, prepared.hooks.formatting_func)
     try:
         tokenizer, template = load_tokenizer(source, recipe)
     except (OSError, ValueError) as err:
@@ -130,5 +155,6 @@ def inputs(prepared: Prepared, source: str, data: PreparedData | None = None) ->
                                 "point model.name at a folder with tokenizer files, or a hub id you have cached")) from None
     rules = MaskRules.from_sft(prepared.configs.sft)
     train = tokenize(data.train, tokenizer, rules)
-    held_out = tokenize(data.eval, tokenizer, rules) if data.eval else None
-    return Inputs(data, tokenizer, template, train, held_out, measure(train, rules, prepared.configs.packing))
+    sets = {name: tokenize(rows, tokenizer, rules) for name, rows in data.eval_sets.items()}
+    held_out = next(iter(sets.values())) if sets else tokenize(data.eval, tokenizer, rules) if data.eval else None
+    return Inputs(data, tokenizer, template, train, held_out, measure(train, rules, prepared.configs.packing), sets)

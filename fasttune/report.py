@@ -89,11 +89,15 @@ def training_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns any of ``steps``, ``epochs``, ``wall_time_s``, ``tokens_per_s``,
     ``final_train_loss`` (the last logged loss), ``mean_train_loss`` (the trainer's average over
-    the run) and ``eval_loss`` (the last evaluation), each only when the records hold it.
+    the run), ``eval_loss`` (the last evaluation) and ``eval_losses`` (named eval sets: name -> the
+    last ``eval_<name>_loss``), each only when the records hold it.
     """
     summary: dict[str, Any] = {}
     train_losses = [r["loss"] for r in metrics if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in metrics if r.get("eval_loss") is not None]
+    per_set = {name: loss for _, name, loss in eval_set_losses(metrics)}
+    if per_set:
+        summary["eval_losses"] = per_set
     if metrics:
         summary["steps"] = max(r.get("step", 0) for r in metrics)
         epochs = [r["epoch"] for r in metrics if r.get("epoch") is not None]
@@ -120,6 +124,20 @@ def training_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def eval_set_losses(metrics: list[dict[str, Any]]) -> list[tuple[int | None, str, float]]:
+    """(step, set name, loss) of each evaluation of a named eval set, in order. A set is known by the
+    ``eval_<name>_runtime`` that transformers' Trainer logs with every evaluation of it (transformers
+    5.17, ``Trainer.evaluate`` with a dict prefixes each set's metrics ``eval_<name>_``), so a
+    compute_metrics key that happens to end in ``_loss`` is not taken for a set."""
+    found = []
+    for record in metrics:
+        for key in record:
+            name = key[len("eval_"):-len("_runtime")] if key.startswith("eval_") and key.endswith("_runtime") else ""
+            if name and record.get(f"eval_{name}_loss") is not None:
+                found.append((record.get("step"), name, record[f"eval_{name}_loss"]))
+    return found
+
+
 def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -> Path | None:
     """Draw training loss against step (a line) and evaluation loss (points) into ``png_path``.
 
@@ -128,7 +146,11 @@ def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -
     """
     train = [(r["step"], r["loss"]) for r in metrics if r.get("loss") is not None and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if r.get("eval_loss") is not None and "step" in r]
-    if not train and not evals:
+    per_set: dict[str, list[tuple[int, float]]] = {}
+    for step, name, loss in eval_set_losses(metrics):
+        if step is not None:
+            per_set.setdefault(name, []).append((step, loss))
+    if not train and not evals and not per_set:
         return None
 
     # The Agg canvas on a bare Figure: no pyplot global state and no display needed, and the
@@ -143,6 +165,8 @@ def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o", label="eval loss", markersize=5)
+    for name, points in per_set.items():
+        ax.plot(*zip(*points), "o", label=f"eval loss ({name})", markersize=5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -168,12 +192,13 @@ def write_report(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
         ``versions`` (dict package -> version; see ``installed_versions``).
     Data:
         ``data_source`` (str), ``data_format`` (str, e.g. ``"messages"``), ``train_rows`` (int),
-        ``eval_rows`` (int).
+        ``eval_rows`` (int), ``eval_sets`` (dict name -> rows, for named eval sets).
     Training:
         ``steps`` (int), ``epochs`` (float), ``wall_time_s`` (float), ``tokens_per_s`` (float),
         ``trainable_params`` (int), ``total_params`` (int).
     Final metrics:
-        ``final_train_loss`` (float), ``mean_train_loss`` (float), ``eval_loss`` (float).
+        ``final_train_loss`` (float), ``mean_train_loss`` (float), ``eval_loss`` (float),
+        ``eval_losses`` (dict name -> float, for named eval sets).
     Task metric:
         ``task``: ``{"name": str, "before": {metric: number}, "after": {metric: number}}``;
         either side may be missing.
@@ -244,6 +269,7 @@ def _data(info: dict[str, Any]) -> str:
             ("format", info.get("data_format")),
             ("train rows", info.get("train_rows")),
             ("eval rows", info.get("eval_rows")),
+            *((f"eval rows ({name})", count) for name, count in (info.get("eval_sets") or {}).items()),
         ]
     )
     return _section("Data", rows)
@@ -277,6 +303,7 @@ def _final_metrics(info: dict[str, Any]) -> str:
             ("final train loss", info.get("final_train_loss")),
             ("mean train loss", info.get("mean_train_loss")),
             ("eval loss", info.get("eval_loss")),
+            *((f"eval loss ({name})", loss) for name, loss in (info.get("eval_losses") or {}).items()),
         ]
     )
     return _section("Final metrics", rows)

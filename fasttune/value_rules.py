@@ -51,7 +51,8 @@ RULES = (
     Rule("lora.lora_alpha", float, _positive, "above 0 (LoRA scales its update by lora_alpha / r)", "16"),
     Rule("lora.lora_dropout", float, lambda v: 0 <= v < 1, "a fraction in [0, 1) (1 would drop every input)", "0.05"),
     # Training (trl.SFTConfig / transformers.TrainingArguments).
-    Rule("train.learning_rate", float, _positive, "above 0 (0 or less trains nothing, or the wrong way)", "2e-4"),
+    Rule("train.learning_rate", float, _not_negative, "0 or more (below 0 trains the wrong way; 0 trains nothing, which checks "
+         "that a run starts where it should)", "2e-4"),
     Rule("train.per_device_train_batch_size", int, _at_least_one, "1 or more", "2"),
     Rule("train.per_device_eval_batch_size", int, _at_least_one, "1 or more", "8"),
     Rule("train.gradient_accumulation_steps", int, _at_least_one, "1 or more", "4"),

@@ -140,6 +140,32 @@ def test_eval_path_and_eval_fraction_and_max_rows(tmp_path):
     assert limited.train == rows[:4] and limited.eval == rows[:3] and limited.eval_report.rows_read == 3
 
 
+def test_named_eval_sets_are_read_each_and_cut_each(tmp_path):
+    rows = [{"text": f"row {i}"} for i in range(6)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    easy = write_jsonl(tmp_path / "easy.jsonl", rows[:3])
+    hard = write_jsonl(tmp_path / "hard.jsonl", rows[3:])
+    sets = [f"data.path={path}", f"data.eval_path.easy={easy}", f"data.eval_path.hard={hard},{easy}", "data.max_rows=null"]
+    data = read_data(recipe(*sets, "data.eval_rows=4"))
+    assert list(data.eval_sets) == ["easy", "hard"] and data.eval == data.eval_sets["easy"] == rows[:3]
+    assert data.eval_sets["hard"] == rows[3:] + rows[:1]  # hard.jsonl then easy.jsonl, cut to data.eval_rows=4
+    assert data.eval_summary() == "eval sets easy 3, hard 4 rows" and data.train == rows
+    assert data.eval_reports["hard"].notes == ["data.eval_rows=4: using 4 of 6 eval (hard) rows"]
+    none = read_data(recipe(*sets, "data.eval_rows=0"))
+    assert none.eval_sets == {} and none.eval == []
+
+
+def test_an_eval_path_mapping_survives_the_recipe_round_trip(tmp_path):
+    resolved = recipe("data.path=d.jsonl", "data.eval_path.easy=e.jsonl", "data.eval_path.hard=[h1.jsonl, h2.jsonl]")
+    assert resolved.data.eval_path == {"easy": "e.jsonl", "hard": ["h1.jsonl", "h2.jsonl"]}
+    saved = tmp_path / "config.yaml"
+    import yaml
+
+    saved.write_text(yaml.safe_dump(resolved.to_dict()))
+    assert config.resolve(str(saved)).to_dict() == resolved.to_dict()
+    assert "hooks" not in resolved.to_dict()  # no hooks: config.yaml as before the section existed
+
+
 def test_the_users_files_are_never_modified(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "x", "output": ""}\n')

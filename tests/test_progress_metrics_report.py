@@ -118,6 +118,21 @@ def test_metrics_jsonl_has_one_line_per_log(run):
     assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
 
 
+def test_named_eval_sets_are_known_by_their_runtime_key():
+    """``eval_<name>_loss`` is a set's loss only beside ``eval_<name>_runtime`` (what Trainer.evaluate logs
+    per set): a compute_metrics key ``token_loss`` of a single eval set is not taken for a set."""
+    from fasttune.train.progress import _eval_set
+
+    metrics = [{"step": 1, "loss": 2.0},
+               {"step": 2, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1},
+               {"step": 2, "eval_hard_loss": 1.7, "eval_hard_runtime": 0.1},
+               {"step": 4, "eval_easy_loss": 1.25, "eval_easy_runtime": 0.1},
+               {"step": 4, "eval_loss": 1.0, "eval_token_loss": 3.0, "eval_runtime": 0.1}]
+    summary = training_summary(metrics)
+    assert summary["eval_losses"] == {"easy": 1.25, "hard": 1.7} and summary["eval_loss"] == 1.0
+    assert _eval_set(metrics[2]) == "hard" and _eval_set(metrics[4]) == ""
+
+
 def test_read_metrics_skips_a_torn_last_line(run, tmp_path):
     run_dir, _ = run
     text = (run_dir / "metrics.jsonl").read_text()

@@ -36,6 +36,7 @@ def model_card(recipe: Recipe, info: dict[str, Any] | None = None) -> str:
         "| | |", "|---|---|",
         f"| base model | `{recipe.model.name}` |",
         f"| method | {method} |",
+        *([f"| trained on from | adapter `{recipe.model.adapter}` |"] if recipe.model.adapter else []),
         f"| recipe | `{recipe.name}` (fasttune) |",
     ]
     for label, key in (("data", "data_source"), ("data format", "data_format"), ("training rows", "train_rows"),

@@ -64,6 +64,13 @@ def run_bench(request: BenchRequest, console) -> dict:
     recipe = prepare.resolve(request.recipe, request.overrides)
     if recipe.method not in ("lora", "qlora"):
         raise UserError(Problem("method", recipe.method, "the bench compares LoRA/QLoRA against vanilla PEFT", "bench a lora or qlora recipe"))
+    if recipe.hooks.named():
+        raise UserError(Problem("hooks", sorted(recipe.hooks.named()), "change what fasttune's side trains or measures, and the "
+                                "vanilla side reads the rows without them: the two would not do the same work",
+                                "bench the recipe without its hooks: section"))
+    if isinstance(recipe.data.eval_path, dict):
+        raise UserError(Problem("data.eval_path", sorted(recipe.data.eval_path), "names several eval sets; the bench compares one "
+                                "eval loss per side", "bench with one eval set: data.eval_path=FILE"))
     examples = examples_to_train(recipe, request)
 
     if not is_local(recipe.model.name):

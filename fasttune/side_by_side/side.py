@@ -27,6 +27,7 @@ from fasttune.atomic_io import atomic_write_text
 from fasttune.data.rows import read_data
 from fasttune.data.tokenize import MaskRules, row_shape, rules_for_shape
 from fasttune.errors import EXIT_USER_ERROR, SourceUnavailable, UserError
+from fasttune.model import trained_adapter
 from fasttune.model.backends import hf
 from fasttune.model.source import resolve_model_source
 from fasttune.model.tokenizer import load_tokenizer
@@ -182,9 +183,12 @@ def _vanilla_trainer(prepared, set_seed):
     set_seed(configs.sft.seed)
     model = hf.load_base(source, dtype=plan.dtype, attention="sdpa", device=plan.device, quantization=configs.bnb,
                          revision=recipe.model.revision)
+    peft_config = configs.lora
+    if recipe.model.adapter:  # TRL's way to train on an adapter: a trainable PeftModel, no peft_config
+        model, peft_config = trained_adapter.attach(model, trained_adapter.locate(recipe.model.adapter).location), None
     trainer = SFTTrainer(model=model, args=configs.sft, train_dataset=Dataset.from_list(data.train),
                          eval_dataset=Dataset.from_list(data.eval) if data.eval else None, processing_class=tokenizer,
-                         peft_config=configs.lora)
+                         peft_config=peft_config)
     return trainer, data
 
 

@@ -114,7 +114,9 @@ class RichProgress(TrainerCallback):
             else:
                 self._print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}")
         elif any(key.startswith("eval_") for key in logs):
-            self._print(f"eval  step {state.global_step}/{state.max_steps}  {_key_values(logs, 'eval_')}")
+            name = _eval_set(logs)
+            label = f"eval {name}" if name else "eval"
+            self._print(f"{label}  step {state.global_step}/{state.max_steps}  {_key_values(logs, f'eval_{name}_' if name else 'eval_')}")
         elif "train_runtime" in logs:
             self._print(f"done  step {state.global_step}/{state.max_steps}  {_key_values(logs, '')}")
         else:
@@ -179,6 +181,15 @@ def use_rich_progress(
     progress = RichProgress(console=console, tokens_per_step=tokens_per_step)
     trainer.add_callback(progress)
     return progress
+
+
+def _eval_set(logs: dict[str, Any]) -> str:
+    """The named eval set an evaluation's logs are of (``eval_<name>_runtime``, as transformers'
+    Trainer prefixes each set of a dict of eval datasets), or "" for a single eval set."""
+    for key in logs:
+        if key.startswith("eval_") and key.endswith("_runtime") and key != "eval_runtime":
+            return key[len("eval_"):-len("_runtime")]
+    return ""
 
 
 def _clock(seconds: float) -> str:

@@ -17,7 +17,7 @@ import yaml
 from rich.markup import escape
 
 from fasttune.atomic_io import atomic_dir, atomic_write_text
-from fasttune.config import Recipe
+from fasttune.config import Recipe, eval_sets
 from fasttune.data.rows import read_data
 from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.disk import disk_full, gib, require_free
@@ -27,7 +27,7 @@ from fasttune.export.model_card import model_card
 from fasttune.inspect_data import print_stats
 from fasttune.machine import MachinePlan
 from fasttune.model import backends
-from fasttune.model.backends.hf import keep_adapter_in_plan_dtype
+from fasttune.model.backends.hf import keep_adapter_in_plan_dtype, trainable_values
 from fasttune.model.gguf_import import names_gguf
 from fasttune.model.source import resolve_model_source
 from fasttune.prepare import Inputs, Prepared
@@ -111,8 +111,11 @@ def setup(prepared: Prepared, console) -> Session:
     quiet_library_progress_bars()
     if configs.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = configs.logging_dir
-    data = read_data(recipe)  # before the model: a data problem is said before a GGUF file is converted
-    console.print(f"[bold]data[/] {len(data.train)} train / {len(data.eval)} eval rows ({data.format}) from {escape(data.source)}")
+    hooks = prepared.hooks
+    # before the model: a data problem is said before a GGUF file is converted
+    data = read_data(recipe, hooks.formatting_func)
+    console.print(f"[bold]data[/] {len(data.train)} train / {escape(data.eval_summary())} ({data.format}) from {escape(data.source)}"
+                  + (" (rows made by hooks.formatting_func)" if hooks.formatting_func else ""))
     console.print(f"[bold]model[/] loading {escape(recipe.model.name)} ({plan.backend} backend, {plan.dtype}, {plan.device_name})"
                   + ("; a GGUF file is converted once, then cached" if names_gguf(recipe.model.name) else ""))
     for line in (data.report.lines() if data.report else []):
@@ -136,20 +139,23 @@ def setup(prepared: Prepared, console) -> Session:
         write_config(run_dir, recipe, plan, engine)
         task, before = _task_eval(recipe, model, inputs.tokenizer, data.eval, console, "before")
 
+    before_trl = trainable_values(model) if configs.bnb is not None else {}
     with quiet_cross_contamination_warning(configs.sft, plan.attention):  # rows are kept apart just below
         trainer = SFTTrainer(
             model=model,
             args=args_for_tokenized_rows(configs.sft),
             train_dataset=trainable_rows(inputs.train, configs.sft),
-            eval_dataset=trainable_rows(inputs.eval, configs.sft) if inputs.eval is not None else None,
+            eval_dataset=eval_dataset(inputs, configs.sft),
             processing_class=inputs.tokenizer,
-            callbacks=[MetricsLog(run_dir / "metrics.jsonl")],
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *hooks.callbacks],
+            compute_metrics=hooks.compute_metrics,
+            preprocess_logits_for_metrics=hooks.preprocess_logits_for_metrics,
         )
     keep_packed_rows_apart(trainer, plan.attention)
 
     atomic_checkpoints(trainer)
     if configs.bnb is not None:
-        keep_adapter_in_plan_dtype(trainer.model, plan)
+        keep_adapter_in_plan_dtype(trainer.model, plan, before_trl)
     trainable, total = count_parameters(trainer.model)
     console.print(f"[bold]trainable[/] {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return Session(prepared, console, source, inputs, trainer, started, engine, task, before)
@@ -178,6 +184,14 @@ def trainable_rows(tokenized, sft):
         return {key: truncate(row[key], rules.max_length, rules.truncation_mode) for key in ("input_ids", "labels")}
 
     return dataset.map(cut).filter(lambda row: any(label != IGNORE for label in row["labels"]))
+
+
+def eval_dataset(inputs: Inputs, sft):
+    """What SFTTrainer evaluates: one dataset, or named eval sets as a dict, which transformers'
+    Trainer evaluates one by one and logs as ``eval_<name>_loss`` (transformers 5.17, Trainer.evaluate)."""
+    if inputs.eval_sets:
+        return {name: trainable_rows(tokenized, sft) for name, tokenized in inputs.eval_sets.items()}
+    return trainable_rows(inputs.eval, sft) if inputs.eval is not None else None
 
 
 def args_for_tokenized_rows(sft):
@@ -244,9 +258,12 @@ def save(session: Session) -> None:
             "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
             "kernels": session.engine.kernels, "processes": world_size(),
             "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
-            "train_rows": len(data.train), "eval_rows": len(data.eval),
+            "train_rows": len(data.train), "eval_rows": sum(map(len, data.eval_sets.values())) if data.eval_sets else len(data.eval),
+            "eval_sets": {name: len(rows) for name, rows in data.eval_sets.items()} or None,
             "trainable_params": trainable, "total_params": total, "metrics": metrics,
             "eval_loss": (session.final_eval or {}).get("eval_loss"),
+            "eval_losses": {name: (session.final_eval or {}).get(f"eval_{name}_loss") for name in data.eval_sets} or None,
+            "eval_metrics": session.final_eval,
             "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
             "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
         }
@@ -333,7 +350,9 @@ def _task_eval(recipe: Recipe, model, tokenizer, rows: list[dict], console, when
         return None, None
 
     task = get_task(recipe.eval.task)
-    console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows...")
+    first = next(iter(eval_sets(recipe.data.eval_path)), None)  # named eval sets: the metric is measured on the first
+    console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows"
+                  + (f" (eval set {escape(first)}, the first)" if first else "") + "...")
     started = time.time()
     scored = task.evaluate(model, tokenizer, rows, max_new_tokens=recipe.eval.max_new_tokens)
     result = {"metrics": {k: v for k, v in scored.items() if k != "samples"}, "samples": scored.get("samples", [])}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from fasttune.errors import UserError
+from fasttune.model import trained_adapter
 from fasttune.model.local_model import model_target_problem
 
 
@@ -63,16 +64,26 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def attach_lora(model, lora_config, *, gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict | None = None):
-    """``model`` with LoRA attached (a PeftModel). Seed before calling: LoRA's A matrices are random."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def ready_for_lora(model, *, gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict | None = None):
+    """The base readied for LoRA training: ``prepare_model_for_kbit_training`` for a 4-bit base,
+    else gradient checkpointing (with input gradients) where asked."""
+    from peft import prepare_model_for_kbit_training
 
     if is_quantized(model) and not under_fsdp():  # (its fp32 norms would break FSDP's one-dtype flat shards)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-    elif gradient_checkpointing:  # 16-bit LoRA, or 4-bit under FSDP
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    if gradient_checkpointing:  # 16-bit LoRA, or 4-bit under FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(model, lora_config, *, gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict | None = None):
+    """``model`` with LoRA attached (a PeftModel). Seed before calling: LoRA's A matrices are random."""
+    from peft import get_peft_model
+
+    model = ready_for_lora(model, gradient_checkpointing=gradient_checkpointing,
+                           gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
     return get_peft_model(model, lora_config)
 
 
@@ -110,16 +121,27 @@ def load(source: str, recipe, plan, configs):
     if problem is not None:
         raise UserError(problem)
     sft = configs.sft
+    if recipe.model.adapter:  # train on from it: its own weights and settings, trainable
+        model = ready_for_lora(model, gradient_checkpointing=sft.gradient_checkpointing,
+                               gradient_checkpointing_kwargs=sft.gradient_checkpointing_kwargs)
+        return trained_adapter.attach(model, trained_adapter.locate(recipe.model.adapter).location), kernels
     return attach_lora(model, configs.lora, gradient_checkpointing=sft.gradient_checkpointing,
                        gradient_checkpointing_kwargs=sft.gradient_checkpointing_kwargs), kernels
 
 
-def keep_adapter_in_plan_dtype(model, plan) -> None:
+def trainable_values(model) -> dict[int, object]:
+    """The trainable parameters' values, by parameter, for :func:`keep_adapter_in_plan_dtype`."""
+    return {id(param): param.detach().clone() for param in model.parameters() if param.requires_grad}
+
+
+def keep_adapter_in_plan_dtype(model, plan, before: dict[int, object]) -> None:
     """Undo TRL's bf16 cast of QLoRA adapters where bf16 is not the plan.
 
     TRL 1.14.2's SFTTrainer casts every trainable parameter of a quantized model to bfloat16 (the
     QLoRA paper's choice, trl/trainer/sft_trainer.py). On a CPU, or a GPU without bf16, most small
     updates then round away; the adapter trains in float32 there (fp16 AMP needs fp32 masters).
+    ``before`` (:func:`trainable_values`, taken before SFTTrainer was built) gives back the exact
+    values, not the rounded ones: an adapter trained on (``model.adapter``) starts where it ended.
     """
     import torch
 
@@ -127,4 +149,5 @@ def keep_adapter_in_plan_dtype(model, plan) -> None:
         return
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+            original = before.get(id(param))
+            param.data = original.float() if original is not None else param.data.float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from fasttune.errors import UserError
+from fasttune.model import trained_adapter
 from fasttune.model.fast_path import FastPathReport, capture_summary, report_from_messages
 from fasttune.model.local_model import model_target_problem
 
@@ -52,6 +53,21 @@ def attach_lora(model, *, r: int, target_modules, lora_alpha: float, lora_dropou
     return model, report_from_messages(messages, on_cpu_fallback())
 
 
+def attach_trained_adapter(model, adapter: str, *, use_gradient_checkpointing) -> tuple[object, FastPathReport]:
+    """An existing adapter attached trainable, then Unsloth's fused LoRA patch over it: the order of
+    Unsloth's own loader for an adapter folder (unsloth 2026.10.9, models/loader.py: PEFT's
+    ``PeftModel.from_pretrained(..., is_trainable=True)``, then ``patch_peft_model``). Its CPU
+    fallback has no patch to apply (stock PEFT), so there the PEFT model trains as loaded."""
+    from unsloth import FastLanguageModel
+
+    model = trained_adapter.attach(model, adapter)
+    patch = getattr(FastLanguageModel, "patch_peft_model", None)
+    with capture_summary() as messages:
+        if patch is not None:
+            model = patch(model, use_gradient_checkpointing)
+    return model, report_from_messages(messages, on_cpu_fallback())
+
+
 def load(source: str, recipe, plan, configs):
     """The runner's entry: Unsloth load + LoRA. Returns ``(model, fast path report)``."""
     lora, sft = configs.lora, configs.sft
@@ -61,6 +77,9 @@ def load(source: str, recipe, plan, configs):
     problem = model_target_problem(recipe.lora.get("target_modules"), model, recipe.model.name)  # a hub model's targets
     if problem is not None:
         raise UserError(problem)
+    if recipe.model.adapter:
+        return attach_trained_adapter(model, trained_adapter.locate(recipe.model.adapter).location,
+                                      use_gradient_checkpointing="unsloth" if sft.gradient_checkpointing else False)
     return attach_lora(
         model, r=lora.r, target_modules=sorted(lora.target_modules), lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout, bias=lora.bias,

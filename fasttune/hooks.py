@@ -1,0 +1,169 @@
+"""The user's own functions that SFTTrainer calls: found from a recipe's ``hooks:`` strings, or given.
+
+A recipe names each hook ``module:attribute`` (fasttune.config.HooksSection documents them); a
+Python caller gives the objects in a :class:`Hooks` (``prepare.prepare(..., hooks=Hooks(...))``).
+:func:`hook_problems` is the check ``prepare.resolve`` runs before anything loads: each module
+imports, from the current folder too (put first on ``sys.path``, as ``python -m`` does), and each
+attribute is there and callable. :func:`ready` makes the :class:`Hooks` a run carries (callback
+classes made into instances). Importing a hook runs the user's module, nothing else here imports
+torch: ``transformers`` is imported only to check callbacks.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+
+from fasttune.config import HooksSection, Recipe, formatting_func_problems, hook_form_problems
+from fasttune.errors import Problem, UserError, suggest
+
+CALLED_AS = {
+    "formatting_func": "called with one row (a dict of the data's columns), it returns the row's text",
+    "compute_metrics": "called with a transformers.EvalPrediction, it returns {name: number}",
+    "preprocess_logits_for_metrics": "called with (logits, labels) of an eval batch, it returns the predictions compute_metrics gets",
+}
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks of one run, as objects: what SFTTrainer is given (fasttune applies ``formatting_func``
+    itself, before it tokenizes, as TRL would: fasttune.data.rows)."""
+
+    formatting_func: typing.Optional[typing.Callable[[dict], str]] = None
+    compute_metrics: typing.Optional[typing.Callable] = None
+    preprocess_logits_for_metrics: typing.Optional[typing.Callable] = None
+    callbacks: tuple = field(default=())
+    """``transformers.TrainerCallback`` instances (:func:`ready` makes classes and factories into them)."""
+
+
+def _importable_from_here() -> None:
+    # `python -m fasttune` puts the current folder first on sys.path; a console script or a test
+    # does not. A user's my_hooks.py beside the recipe must import either way.
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    importlib.invalidate_caches()  # a module written after this process looked at the folder
+
+
+def find(key: str, spec: str) -> tuple[object, Problem | None]:
+    """The object ``spec`` (``module:attribute``, the attribute may be dotted) names, or why not."""
+    module_name, _, attribute = spec.partition(":")
+    module_name, attribute = module_name.strip(), attribute.strip()
+    _importable_from_here()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            here = [p[:-3] for p in os.listdir(".") if p.endswith(".py")]
+            return None, Problem(key, spec, f"names module {module_name!r}, which is neither a .py file in the current folder "
+                                 f"({os.getcwd()}) nor an installed package",
+                                 suggest(module_name, here) or f"run fasttune from the folder that holds {module_name}.py, "
+                                                              "or install the package")
+        return None, Problem(key, spec, f"importing {module_name} failed: {err}", f"install {err.name}, or fix the import in {module_name}")
+    except Exception as err:  # the user's module raised while it was imported
+        return None, Problem(key, spec, f"importing {module_name} raised {type(err).__name__}: {err}",
+                             f"fix {getattr(err, 'filename', None) or module_name} so that it imports")
+    found: object = module
+    for depth, part in enumerate(attribute.split(".")):
+        if not hasattr(found, part):
+            where = ".".join([module_name, *attribute.split(".")[:depth]])
+            names = [n for n in dir(found) if not n.startswith("_")]
+            return None, Problem(key, spec, f"{where} has no attribute {part!r}",
+                                 suggest(part, names) or f"define {part} in {where}, or name one of: {', '.join(names[:12])}")
+        found = getattr(found, part)
+    return found, None
+
+
+def _problems(section: HooksSection) -> tuple[dict[str, object], list[Problem]]:
+    """Each hook the section names (well formed) as its object, keyed ``hooks.<key>``; the problems."""
+    problems, found = [], {}
+    malformed = {p.where for p in hook_form_problems(section)}  # said by fasttune.config already
+    for key, spec in section.named().items():
+        if key in malformed:
+            continue
+        obj, problem = find(key, spec)
+        if problem is None and not key.startswith("hooks.callbacks") and not callable(obj):
+            name = key.removeprefix("hooks.")
+            problem = Problem(key, spec, f"is a value of type {type(obj).__name__}, not a function ({CALLED_AS[name]})",
+                              f"name the function itself, e.g. {spec.partition(':')[0]}:my_{name}")
+        if problem is not None:
+            problems.append(problem)
+        else:
+            found[key] = obj
+    return found, problems
+
+
+def hook_problems(recipe: Recipe) -> list[Problem]:
+    """The station check of ``hooks:`` (fasttune.prepare.resolve): every hook imports and is callable."""
+    return _problems(recipe.hooks)[1]
+
+
+def _callback(key: str, obj: object):
+    """``obj`` as a TrainerCallback instance: a class made with no arguments, an instance, or what a function returns."""
+    from transformers import TrainerCallback
+
+    rule = "must be a transformers.TrainerCallback: a class (made with no arguments), an instance, or a function returning one"
+    made = obj
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, TrainerCallback)):
+        try:
+            made = obj()
+        except TypeError as err:
+            raise UserError(Problem(key, _name(obj), f"{rule}; calling it with no arguments failed: {err}",
+                                    "give its arguments defaults, or name a function that builds it")) from None
+    if not isinstance(made, TrainerCallback):
+        raise UserError(Problem(key, _name(obj), f"{rule} (got a value of type {type(made).__name__})",
+                                "subclass transformers.TrainerCallback"))
+    return made
+
+
+def keep_logits(configs, recipe: Recipe, hooks: Hooks):
+    """The library configs with ``train.loss_type=nll`` where compute_metrics needs logits. TRL 1.14.2's
+    default ``chunked_nll`` computes the loss from the hidden states in chunks and returns no logits
+    (trl/trainer/sft_trainer.py, ``_patch_chunked_ce_lm_head``): compute_metrics would get none. ``nll``
+    is the same loss, with the logits made."""
+    import dataclasses
+
+    if hooks.compute_metrics is None and hooks.preprocess_logits_for_metrics is None:
+        return configs
+    if recipe.train.get("loss_type") == "chunked_nll":
+        raise UserError(Problem("train.loss_type", "chunked_nll", "makes no logits, and hooks.compute_metrics needs them",
+                                "drop train.loss_type (fasttune then uses nll, the same loss), or set it to nll"))
+    if configs.sft.loss_type != "chunked_nll":
+        return configs
+    note = "train.loss_type nll: compute_metrics needs the logits, which TRL's default chunked_nll does not make (the same loss)"
+    return dataclasses.replace(configs, sft=dataclasses.replace(configs.sft, loss_type="nll"), notes=(*configs.notes, note))
+
+
+def _name(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def ready(recipe: Recipe, given: Hooks | None = None) -> Hooks:
+    """The hooks a run carries: those ``given`` (a Python caller's objects) where set, else the
+    recipe's, with callbacks made into instances; a UserError names every problem."""
+    given = given or Hooks()
+    found, problems = _problems(recipe.hooks)
+    if problems:
+        raise UserError(problems, "hooks: are not valid")
+    spec = {key.removeprefix("hooks."): obj for key, obj in found.items() if not key.startswith("hooks.callbacks")}
+    for key in ("formatting_func", "compute_metrics", "preprocess_logits_for_metrics"):
+        value = getattr(given, key)
+        if value is not None and not callable(value):
+            problems.append(Problem(f"Hooks.{key}", repr(value), f"must be a function ({CALLED_AS[key]})", "pass the function itself"))
+        elif value is not None:
+            spec[key] = value
+    if given.formatting_func is not None and recipe.hooks.formatting_func is None:  # the recipe's was checked by config.resolve
+        problems.extend(formatting_func_problems(recipe, _name(given.formatting_func), "Hooks.formatting_func"))
+    pairs = ([(f"Hooks.callbacks[{i}]", c) for i, c in enumerate(given.callbacks)] if given.callbacks else
+             [(key, obj) for key, obj in found.items() if key.startswith("hooks.callbacks")])
+    callbacks = []
+    for key, obj in pairs:
+        try:
+            callbacks.append(_callback(key, obj))
+        except UserError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise UserError(problems, "hooks are not valid")
+    return Hooks(**spec, callbacks=tuple(callbacks))
