@@ -96,3 +96,14 @@ def get_template(name: str) -> ChatTemplate:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+
+
+def recognize(own: str | None, vocab: dict, prefer: ChatTemplate | None = None) -> ChatTemplate | None:
+    """The known format a tokenizer's own template ``own`` speaks, recognized by the token that opens
+    its turns (with its end-of-turn token in ``vocab``); ``prefer`` is tried first. None when none fits."""
+    if not own:
+        return None
+    for candidate in (*((prefer,) if prefer else ()), *TEMPLATES.values()):
+        if candidate.opens_turn in own and candidate.end_of_turn in vocab:
+            return candidate
+    return None

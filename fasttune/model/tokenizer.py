@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
 from fasttune.families import get_family
-from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template
+from fasttune.families.chat_templates import ChatTemplate, get_template, recognize
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,10 @@ def choose_template(own: str | None, recipe: Recipe, vocab: dict) -> TemplateCho
     default = get_template(family.chat_template)
     if not own:
         return TemplateChoice(default, f"the {family.model_type} family's; the tokenizer has no template of its own")
-    for candidate in (default, *TEMPLATES.values()):
-        if candidate.opens_turn in own and candidate.end_of_turn in vocab:
-            whose = "the family's, " if candidate is default else ""
-            return TemplateChoice(candidate, f"{whose}matches the tokenizer's own template ({candidate.opens_turn} turns)")
+    candidate = recognize(own, vocab, prefer=default)
+    if candidate is not None:
+        whose = "the family's, " if candidate is default else ""
+        return TemplateChoice(candidate, f"{whose}matches the tokenizer's own template ({candidate.opens_turn} turns)")
     return TemplateChoice(default, f"the {family.model_type} family's; the tokenizer's own template is not a known format")
 
 

@@ -27,8 +27,12 @@ from fasttune import machine
 from fasttune.errors import Problem, UserError
 from fasttune.families import FAMILIES
 from fasttune.families.base import LLAMA_STYLE_TARGETS
+from fasttune.model import trained_adapter
 from fasttune.model.backends import Engine, hf, import_unsloth, unsloth
+from fasttune.model.local_model import has_tokenizer_files
 from fasttune.model.source import resolve_model_source
+from fasttune.unsloth_api import unsloth_arguments
+from fasttune.unsloth_api.saving import attach_saving_calls
 
 BACKENDS = ("auto", "unsloth", "hf")
 _ENGINE_ATTRIBUTE = "_fasttune_engine"
@@ -41,15 +45,24 @@ class FastLanguageModel:
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
                         backend: str = "auto", token: str | None = None, device_map=None, trust_remote_code: bool = False,
                         revision: str | None = None, attn_implementation: str | None = None, full_finetuning: bool = False,
-                        **kwargs):
-        """``(model, tokenizer)``. ``model_name``: a hub id or a local folder with safetensors."""
+                        load_in_16bit: bool = False, use_gradient_checkpointing="unsloth", **kwargs):
+        """``(model, tokenizer)``. ``model_name``: a hub id or a local folder with safetensors, or a
+        LoRA adapter (a folder ``model.save_pretrained`` wrote, or a hub id): its base, named in its
+        ``adapter_config.json``, loads as asked and the adapter is attached trainable, as Unsloth does.
+        Unsloth's other arguments are accepted where fasttune can honour them
+        (fasttune/unsloth_api/unsloth_arguments.py)."""
         if backend not in BACKENDS:
             raise UserError(Problem("backend", backend, f"must be one of {', '.join(BACKENDS)}", "use backend='auto'"))
-        if kwargs:
-            raise UserError(Problem("from_pretrained", sorted(kwargs), "are not arguments fasttune understands",
-                                    "remove them (see help(fasttune.FastLanguageModel.from_pretrained))"))
+        unsloth_arguments.check(kwargs)
+        load_in_4bit = load_in_4bit and not load_in_16bit
 
-        source = resolve_model_source(model_name)
+        adapter = _adapter_at(model_name, token)
+        if adapter is not None and not adapter.base:
+            raise UserError(Problem("model_name", model_name, "is a LoRA adapter whose adapter_config.json names no base model",
+                                    "load the base with from_pretrained(BASE), then PeftModel.from_pretrained(model, ADAPTER)"))
+        if adapter is not None:  # `revision` names the adapter's revision in Unsloth; the base's is in its config
+            revision = adapter.config.get("revision")
+        source = resolve_model_source(adapter.base if adapter else model_name)
         model_type = _model_type(source, revision, token)
         family = FAMILIES.get(model_type)
         facts = machine.detect()
@@ -66,9 +79,9 @@ class FastLanguageModel:
                               stacklevel=2)
         dtype_name, dtype_reason = _dtype(dtype, facts)
         device = "cuda" if facts.cuda else "cpu"
-        if chosen == "unsloth":
-            model, tokenizer = unsloth.load_base(source, max_seq_length=max_seq_length, dtype=dtype_name,
-                                                 load_in_4bit=load_in_4bit and not full_finetuning, revision=revision,
+        if chosen == "unsloth":  # Unsloth loads an adapter folder itself: base from its config, adapter trainable
+            model, tokenizer = unsloth.load_base(adapter.location if adapter else source, max_seq_length=max_seq_length,
+                                                 dtype=dtype_name, load_in_4bit=load_in_4bit and not full_finetuning, revision=revision,
                                                  trust_remote_code=trust_remote_code, token=token,
                                                  full_finetuning=full_finetuning)
             engine = Engine("unsloth", reason, dtype_name, "unsloth", facts.device_name, dtype_reason=dtype_reason)
@@ -78,16 +91,24 @@ class FastLanguageModel:
                 trust_remote_code, revision, attn_implementation or "sdpa", family)
             engine = Engine("hf", reason, dtype_name, attention, facts.device_name, kernels=kernels,
                             dtype_reason=dtype_reason)
+            if adapter is not None:
+                model, tokenizer = _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code)
         setattr(model, _ENGINE_ATTRIBUTE, engine)
-        print(f"fasttune: {engine.describe()}")
+        attach_saving_calls(model, engine)  # Unsloth's save_pretrained_merged & co, fasttune's way
+        print(f"fasttune: {engine.describe()}" + (f"; adapter {adapter.spec} on {adapter.base}" if adapter else ""))
         return model, tokenizer
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
                        bias: str = "none", use_gradient_checkpointing="unsloth", random_state: int = 3407,
                        use_rslora: bool = False, modules_to_save=None, **kwargs):
-        """``model`` with LoRA attached. Unsloth backend: its fused path, checked and reported."""
+        """``model`` with LoRA attached. Unsloth backend: its fused path, checked and reported. A model
+        that has LoRA already (``from_pretrained(adapter)``) is returned as it is, as Unsloth does."""
         engine = FastLanguageModel.engine(model)
+        if hasattr(model, "peft_config"):
+            warnings.warn("the model has LoRA adapters already (loaded with them): get_peft_model leaves them as they are",
+                          stacklevel=2)
+            return model
         if target_modules is None:
             target_modules = _default_targets(model)
         if engine.backend == "unsloth":
@@ -103,6 +124,7 @@ class FastLanguageModel:
             model = _attach_hf(model, r, target_modules, lora_alpha, lora_dropout, bias, use_gradient_checkpointing,
                                random_state, use_rslora, modules_to_save, kwargs)
         setattr(model, _ENGINE_ATTRIBUTE, engine)
+        attach_saving_calls(model, engine)  # over Unsloth's own, on its backend
         return model
 
     @staticmethod
@@ -135,6 +157,43 @@ class FastLanguageModel:
         model.train()
         model.config.use_cache = not use_gradient_checkpointing
         return model
+
+
+def _adapter_at(model_name: str, token: str | None):
+    """The LoRA adapter ``model_name`` names (fasttune.model.trained_adapter.AdapterSource), or None
+    when it names a model: a folder with adapter_config.json and no config.json, or such a hub repository."""
+    folder = Path(model_name).expanduser()
+    if folder.is_dir():
+        if (folder / trained_adapter.ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            return trained_adapter.locate(str(folder))
+        return None
+    if model_name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import file_exists
+
+        if file_exists(model_name, "config.json", token=token) or not file_exists(model_name, trained_adapter.ADAPTER_CONFIG, token=token):
+            return None
+    except Exception:  # offline, private or unknown: it is read as a model below, and that error is the one said
+        return None
+    return trained_adapter.locate(model_name)
+
+
+def _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code):
+    """The adapter on the loaded base, trainable (Unsloth's ``from_pretrained(adapter)``), and the
+    tokenizer saved with the adapter where there is one (the notebook saved it there)."""
+    from transformers import AutoTokenizer
+
+    checkpointing = use_gradient_checkpointing in (True, "unsloth")
+    model = hf.ready_for_lora(model, gradient_checkpointing=checkpointing,
+                              gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+    model = trained_adapter.attach(model, adapter.location)
+    folder = Path(adapter.location)
+    if folder.is_dir() and has_tokenizer_files(folder):
+        max_length = tokenizer.model_max_length
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer.model_max_length = max_length
+    return model, tokenizer
 
 
 def _model_type(source: str, revision: str | None, token: str | None) -> str | None:

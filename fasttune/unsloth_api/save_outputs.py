@@ -1,0 +1,149 @@
+"""The folders and files fasttune's Unsloth saving calls write (fasttune/unsloth_api/saving.py).
+
+The adapter alone; the 16-bit model (the LoRA merged into the 16-bit base it was loaded from, shard
+by shard, by ``export.merge.merge_adapter``, never into 4-bit weights; a model without LoRA as it is,
+by ``train.runner.save_16bit``); and GGUF files from that, by fasttune's own writer, with an Ollama
+Modelfile. Each folder is written beside its place and renamed when whole (``atomic_io``); a folder
+that holds anything but a saved model is never replaced.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from fasttune.atomic_io import atomic_replace_dir, temp_dir_beside
+from fasttune.disk import gib
+from fasttune.errors import Problem, UserError
+from fasttune.families import FAMILIES
+from fasttune.families.chat_templates import TEMPLATES, get_template, recognize
+from fasttune.output_paths import folder_problem
+
+SAVING = "cannot save the model"
+
+
+def save_adapter(model, out: Path, tokenizer) -> Path:
+    """``out``: the LoRA adapter (PEFT's safetensors) and, if given, the tokenizer."""
+    if not has_lora(model):
+        raise UserError(Problem("save_method", "lora", "this model has no LoRA adapter (full fine-tuning trains every weight)",
+                                "save_method='merged_16bit' writes the whole model in 16 bits"), SAVING)
+    tmp = temp_dir_beside(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    path = atomic_replace_dir(tmp, out)
+    print(f"fasttune: saved the LoRA adapter to {path}")
+    return path
+
+
+def save_16bit_model(model, merged_dtype: str, out: Path, tokenizer) -> Path:
+    """``out``: the LoRA merged into the 16-bit base, or a model without LoRA as it is, in 16 bits."""
+    if has_lora(model):
+        return merge_into_base(model, out, tokenizer, merged_dtype)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise UserError(Problem("model", type(model).__name__, "is quantized and has no LoRA: there is nothing trained to "
+                                "merge, and its quantized weights are not the 16-bit model",
+                                "attach LoRA with FastLanguageModel.get_peft_model and train it first, or load with "
+                                "full_finetuning=True to train and save the whole model"), SAVING)
+    from fasttune.train.runner import save_16bit
+
+    tmp = temp_dir_beside(out)
+    try:
+        save_16bit(model, tmp, merged_dtype)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    path = atomic_replace_dir(tmp, out)
+    print(f"fasttune: saved the model in {merged_dtype} to {path}")
+    return path
+
+
+def merge_into_base(model, out: Path, tokenizer, dtype: str) -> Path:
+    """The adapter, saved to a temporary folder (deleted after), merged into the base its config names."""
+    from fasttune.export.merge import merge_adapter
+
+    adapter = temp_dir_beside(out.with_name(f"{out.name}-adapter"))
+    try:
+        model.save_pretrained(adapter, safe_serialization=True)
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(Problem("model", type(model).__name__, "its adapter does not name the base model it was "
+                                    "attached to", "load the base with FastLanguageModel.from_pretrained(name)"), SAVING)
+        result = merge_adapter(base, adapter, out, tokenizer, save_dtype=dtype, revision=config.get("revision"))
+    finally:
+        shutil.rmtree(adapter, ignore_errors=True)
+    print(f"fasttune: merged {result.merged_modules} LoRA modules into {base} -> {result.path} ({dtype})")
+    return result.path
+
+
+def write_ggufs(model_dir: Path, gguf_dir: Path, presets: list[str], tokenizer, stem: str) -> tuple[list[Path], Path | None]:
+    """One GGUF per preset from ``model_dir``, and a Modelfile for each where the chat template has an
+    Ollama counterpart (``Modelfile`` for the first, ``Modelfile.<preset>`` for the others); the GGUF files
+    and the first Modelfile."""
+    from fasttune.export.gguf_writer import write_gguf
+    from fasttune.export.modelfile import ollama_template, write_modelfile
+    from fasttune.export.refusals import NoOllamaTemplate
+
+    # fasttune's own template, or the known format a publisher's template speaks (its turn tokens;
+    # the family's format first: Qwen3 and ChatML open turns alike)
+    family = FAMILIES.get(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type"))
+    exact = next((t for t in TEMPLATES.values() if t.source() == tokenizer.chat_template), None)
+    template = exact or recognize(tokenizer.chat_template, tokenizer.get_vocab(),
+                                  prefer=get_template(family.chat_template) if family else None)
+    try:
+        ollama = ollama_template(template) if template else None
+    except NoOllamaTemplate:
+        ollama = None
+    written, modelfile = [], None
+    for index, preset in enumerate(presets):
+        name = f"{stem}.{preset.upper()}.gguf"  # Unsloth's file name (save_to_gguf)
+        # BOS where the training template put one: the runtime adds it, the Modelfile leaves it out.
+        result = write_gguf(model_dir, gguf_dir / name, preset, chat_template=tokenizer.chat_template,
+                            add_bos=ollama.bos_from_runtime if ollama else None)
+        for note in result.notes:
+            print(f"fasttune: gguf {note}")
+        print(f"fasttune: wrote {result.path} ({gib(result.size_bytes)}, {result.seconds:.1f} s)")
+        written.append(result.path)
+        if ollama is not None:
+            path = write_modelfile(gguf_dir, name, template, name="Modelfile" if index == 0 else f"Modelfile.{preset}")
+            modelfile = modelfile or path
+    if ollama is None:
+        why = ("the tokenizer has no chat template" if not tokenizer.chat_template else
+               f"the tokenizer's chat template speaks none of fasttune's formats ({', '.join(sorted(TEMPLATES))})")
+        print(f"fasttune: no Modelfile written: {why}, so its Ollama TEMPLATE is unknown; set tokenizer.chat_template = "
+              "fasttune.families.chat_templates.get_template(name).source() before training to get one")
+    return written, modelfile
+
+
+def claim_folder(save_directory) -> Path:
+    """``save_directory``, refused unless absent, empty or a saved model (files only, one of them
+    config.json or adapter_config.json): the save replaces it whole, and fasttune never deletes
+    what it did not write (a Trainer's output_dir with its checkpoints, say)."""
+    out = Path(save_directory).expanduser()
+    problem = folder_problem(out, "save_directory", "give a folder you can write")
+    if problem is not None:
+        raise UserError(problem, SAVING)
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and (any(e.is_dir() for e in entries) or not {e.name for e in entries} & {"config.json", "adapter_config.json"}):
+        shown = ", ".join(e.name + "/" * e.is_dir() for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+        raise UserError(Problem("save_directory", str(out), f"holds {shown}, which is not a saved model; a save replaces "
+                                "the whole folder", "give a new folder, or move those yourself (fasttune never deletes "
+                                "what it did not write)"), SAVING)
+    return out
+
+
+def has_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def model_stem(model) -> str:
+    """The GGUF file stem: the last part of the base model's name, as Unsloth's ``_model_basename``."""
+    return Path(str(getattr(model, "name_or_path", "") or "model")).name or "model"
