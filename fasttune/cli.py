@@ -287,7 +287,7 @@ def cmd_export(args) -> int:
     if unknown or (args.gguf is not None and not types):
         raise UserError(Problem("--gguf", args.gguf, f"takes a comma list of {', '.join(GGUF_TYPES)}",
                                 (suggest(unknown[0], GGUF_TYPES) if unknown else "") or "e.g. --gguf q8_0,q4_k_m"))
-    recipe = prepare.resolve(str(run_dir / CONFIG))
+    recipe = prepare.resolve_finished_run(run_dir)
     if args.adapter or args.merged or types:
         request = ExportRequest(adapter=args.adapter, merged=args.merged, gguf=types)
     else:  # nothing asked: what the recipe's export section says

@@ -201,6 +201,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``section.key=value`` strings applied onto a raw recipe mapping (a copy)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     problems = []
+    set_by: dict[str, str] = {}  # dotted key -> the override that set it (else the recipe did)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -212,6 +213,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not all(part.strip() for part in parts):
             problems.append(Problem("override", item, "a dotted key has an empty part", "write it as SECTION.KEY=VALUE, e.g. train.learning_rate=1e-4"))
             continue
+        below = _below_a_value(out, parts, item, text, set_by)
+        if below is not None:
+            problems.append(below)
+            continue
         target = out
         for part in parts[:-1]:
             nested = target.get(part)
@@ -220,9 +225,37 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             target[part] = nested
             target = nested
         target[parts[-1]] = parse_value(text)
+        set_by[key] = item
     if problems:
         raise UserError(problems, "bad command line")
     return out
+
+
+def _below_a_value(out: dict, parts: list[str], item: str, text: str, set_by: dict[str, str]) -> Problem | None:
+    """A dotted override that goes below a value that is set and is not a mapping (``data.eval_path=easy.jsonl``
+    then ``data.eval_path.hard=hard.jsonl``) would replace that value with a mapping, silently: refused.
+    An absent or null value becomes a mapping."""
+    target = out
+    for depth, part in enumerate(parts[:-1], start=1):
+        value = target.get(part) if isinstance(target, dict) else None
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            above = ".".join(parts[:depth])
+            source = f"by the override {set_by[above]}" if above in set_by else "by the recipe"
+            name = re.sub(r"[^A-Za-z0-9_]", "_", str(value).rsplit("/", 1)[-1].split(".")[0]) if isinstance(value, str) else ""
+            name = name if EVAL_SET_NAME.match(name) else "<name>"
+            fix = (f"name every entry: {above}.{name}={_shown(value)} {'.'.join(parts)}={text.strip()} (or set {above} alone)"
+                   if isinstance(value, (str, list)) else f"set {above} itself ({above}=VALUE), or drop {item}")
+            return Problem("override", item, f"goes below {above}, which is {value!r} (set {source}), not a mapping: "
+                           "it would replace that value", fix)
+        target = value
+    return None
+
+
+def _shown(value: object) -> str:
+    """A value as it is written on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _owned_section(section: str, cls: type, values: object, problems: list[Problem]) -> object:
@@ -286,7 +319,7 @@ def _eval_set_problems(data: DataSection) -> list[Problem]:
         if not isinstance(name, str) or not EVAL_SET_NAME.match(name):
             problems.append(Problem(f"data.eval_path.{name}", paths, "an eval set's name must be letters, digits and _ (not first a "
                                     "digit): it becomes the metric key eval_<name>_loss",
-                                    f"rename it, e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(name)).lstrip('0123456789') or 'set1'}"))
+                                    f"rename it, e.g. {_set_name(name)}"))
         elif not isinstance(paths, (str, list)) or not source_paths(paths):
             problems.append(Problem(f"data.eval_path.{name}", paths, "must name a file (or a list of files) of held-out rows",
                                     f"set data.eval_path.{name}=<file.jsonl>"))
@@ -298,6 +331,12 @@ def _eval_set_problems(data: DataSection) -> list[Problem]:
                                 "sets: which set would they join?", "set data.eval_fraction=0, and give the held-out rows a file "
                                                                      "of their own in data.eval_path"))
     return problems
+
+
+def _set_name(name: object) -> str:
+    """A valid eval set name close to ``name``: ``bad-name`` -> ``bad_name``, ``1st`` -> ``set_1st``."""
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"set_{cleaned or 1}"
 
 
 def hook_form_problems(hooks: HooksSection) -> list[Problem]:

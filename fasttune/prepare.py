@@ -42,17 +42,19 @@ from fasttune.machine import MachineFacts, MachinePlan
 from fasttune.model.backends import import_unsloth
 from fasttune.model import trained_adapter
 from fasttune.model.local_model import local_model_problems
+from fasttune.run_folder import CONFIG
 from fasttune.model.tokenizer import TemplateChoice, load_tokenizer
 
 
-def station_problems(recipe: Recipe) -> list[Problem]:
+def station_problems(recipe: Recipe, to_train: bool = True) -> list[Problem]:
     """What the stations refuse in a recipe, found before anything loads: a data mapping that does
-    not compile, a local model that is not what it claims, an export that cannot be written."""
+    not compile, a local model that is not what it claims, an export that cannot be written; and,
+    ``to_train``, the adapter it trains on from and its hooks."""
     problems = []
     if recipe.data.mapping is not None:
         problems.extend(compile_mapping(recipe.data.mapping)[1])
     targets = recipe.lora.get("target_modules")
-    if recipe.model.adapter and recipe.method != "full":
+    if to_train and recipe.model.adapter and recipe.method != "full":
         try:
             adapter = trained_adapter.locate(recipe.model.adapter)
             problems.extend(trained_adapter.contradictions(recipe.lora, adapter))
@@ -63,7 +65,8 @@ def station_problems(recipe: Recipe) -> list[Problem]:
         problems.extend(local_model_problems(recipe.model.name, targets))
     if recipe.family in FAMILIES:
         problems.extend(export_problems(recipe))
-    problems.extend(hook_problems(recipe))
+    if to_train:
+        problems.extend(hook_problems(recipe))
     return problems
 
 
@@ -72,6 +75,13 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     ``model.adapter``, its ``lora:`` section holds the adapter's own settings."""
     recipe = config.resolve(name_or_path, overrides, checks=(station_problems,))
     return trained_adapter.adopt(recipe) if recipe.model.adapter else recipe
+
+
+def resolve_finished_run(run_dir: Path) -> Recipe:
+    """A run's own ``config.yaml``, for what works from the run folder alone (``export``): the
+    adapter the run started from and its hooks are not needed there, so a moved or deleted one is
+    not a problem (the run's own ``adapter/`` is what is exported)."""
+    return config.resolve(str(run_dir / CONFIG), (), checks=(lambda recipe: station_problems(recipe, to_train=False),))
 
 
 def plan_machine(recipe: Recipe, facts: MachineFacts, *, force_cpu: bool = False, training: bool = False) -> MachinePlan:

@@ -184,7 +184,7 @@ def write_report(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
 
     What ran:
         ``recipe`` (str, also the title), ``base_model`` (str), ``method`` (``"lora"``,
-        ``"qlora"``), ``backend`` (``"unsloth"``, ``"hf"``), ``backend_reason`` (str, why that
+        ``"qlora"``), ``adapter`` (str, the adapter the run trained on from), ``backend`` (``"unsloth"``, ``"hf"``), ``backend_reason`` (str, why that
         backend was chosen, shown beside it), ``dtype`` (str), ``attention`` (str,
         the attention implementation), ``fast_path`` (str, Unsloth's patched-layer counts),
         ``kernels`` (str, extra kernels applied, e.g. Liger), ``device`` (str, e.g.
@@ -247,6 +247,7 @@ def _what_ran(info: dict[str, Any]) -> str:
             ("recipe", info.get("recipe")),
             ("base model", _code(info.get("base_model"))),
             ("method", info.get("method")),
+            ("trained on from", _code(info.get("adapter"))),
             ("backend", _with_reason(info.get("backend"), info.get("backend_reason"))),
             ("dtype", info.get("dtype")),
             ("fast path", info.get("fast_path")),

@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from fixtures.gguf_reads import each_gguf_read_once
 from fixtures.tiny_models import chat_rows, tiny_config
 from fixtures.real_tokenizers import GEMMA_CORPUS, assets_dir, load_tokenizer, phi3_reference_tokenizations
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -92,17 +93,7 @@ REL_ERROR = {T.F32: 1e-5, T.F16: 1e-3, T.Q8_0: 0.01, T.Q6_K: 0.03, T.Q5_0: 0.06,
 def _read_each_gguf_once():
     """transformers builds a gguf.GGUFReader for every read of a file (config, tokenizer, weights):
     hand it the same reader for the same file, unchanged, instead of parsing again."""
-    original, cache = gguf.GGUFReader, {}
-
-    def cached(path, mode="r"):
-        stat = Path(path).stat()
-        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, mode)
-        if key not in cache:
-            cache[key] = original(path, mode)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", cached)
+    with each_gguf_read_once():
         yield
 
 

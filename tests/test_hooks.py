@@ -92,6 +92,42 @@ class NeedsArguments(TrainerCallback):
 
 def not_a_callback():
     return 42
+
+
+def format_two(row, extra):  # takes two arguments: TRL calls it with one row
+    return row["instruction"] + extra
+
+
+def format_qa(row):  # written for question/answer rows, given instruction/output rows
+    return f"Q: {row['question']}\\nA: {row['answer']}"
+
+
+def format_empty_for_arithmetic(row):
+    return "" if row["instruction"].startswith("Two") else format_row(row)
+
+
+def metrics_noarg():
+    return {}
+
+
+def logits_only(logits):
+    return logits.argmax(dim=-1)
+
+
+def metrics_float(prediction):
+    return 0.5
+
+
+def metrics_text(prediction):
+    return {"verdict": "fine"}
+
+
+def metrics_raises(prediction):
+    return {"ratio": len(prediction.label_ids) / 0}
+
+
+def logits_raise(logits, labels):
+    raise ValueError("no logits today")
 '''
 
 QUESTIONS = [("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
@@ -174,7 +210,14 @@ def test_compute_metrics_and_both_eval_sets_reach_metrics_jsonl(cli_run):
         assert len(evals) == 2, (name, evals)  # at step 2 (eval_steps) and the final trainer.evaluate()
         assert all(0 <= r[f"eval_{name}_next_token_accuracy"] <= 1 and r[f"eval_{name}_trained_tokens"] > 0 for r in evals)
     assert not any("eval_loss" in r for r in metrics)
+    # TRL logs its own eval metrics without the set's name: each row names them after the set it is of
+    assert not any(key in r for r in metrics for key in ("eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"))
+    for name, other in (("easy", "hard"), ("hard", "easy")):
+        for r in (r for r in metrics if f"eval_{name}_loss" in r):
+            assert f"eval_{name}_mean_token_accuracy" in r and f"eval_{name}_entropy" in r and f"eval_{other}_entropy" not in r
     assert "eval easy  step 2/2" in stdout and "eval hard  step 2/2" in stdout  # the progress display names the set
+    shown = [line for line in stdout.splitlines() if line.startswith("eval ")]
+    assert all(" loss " in line and " mean_token_accuracy " in line and " eval_" not in line for line in shown), shown
     assert "eval sets easy 3, hard 2 rows" in stdout
 
 
@@ -186,7 +229,14 @@ def test_summary_and_report_hold_each_sets_loss(cli_run):
     assert summary["eval_losses"] == last
     assert summary["eval_sets"] == {"easy": 3, "hard": 2} and summary["eval_rows"] == 5
     assert summary["eval_loss"] is None and summary["data_format"] == "text"
-    assert "eval_easy_next_token_accuracy" in summary["eval_metrics"]
+    # the final evaluation, each set on its own: its metrics under its name, TRL's own ones too
+    final = {name: [r for r in metrics if f"eval_{name}_loss" in r][-1] for name in ("easy", "hard")}
+    assert sorted(summary["eval_metrics"]) == ["easy", "hard"]
+    for name, record in final.items():
+        got = summary["eval_metrics"][name]
+        for key in ("loss", "next_token_accuracy", "mean_token_accuracy", "entropy"):
+            assert got[key] == pytest.approx(record[f"eval_{name}_{key}"]), (name, key)
+    assert summary["eval_metrics"]["easy"]["entropy"] != summary["eval_metrics"]["hard"]["entropy"]
     report = (run_dir / "report.md").read_text()
     assert "| eval loss (easy) |" in report and "| eval loss (hard) |" in report and "| eval rows (hard) | 2 |" in report
 
@@ -272,6 +322,23 @@ BAD = [
      ["hooks.formatting_func", "returned a dict for train.jsonl row 1", "one string"]),
     (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_batched"],
      ["returned a list", "batched form of older TRL"]),
+    (["show", "demo", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_two"],
+     ["hooks.formatting_func", f"{HOOKS_MODULE}:format_two", "called with one row", "missing a required argument: 'extra'"]),
+    (["show", "demo", f"hooks.compute_metrics={HOOKS_MODULE}:metrics_noarg"],
+     ["hooks.compute_metrics", f"{HOOKS_MODULE}:metrics_noarg", "EvalPrediction", "too many positional arguments"]),
+    (["show", "demo", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:logits_only"],
+     ["hooks.preprocess_logits_for_metrics", f"{HOOKS_MODULE}:logits_only", "(logits, labels)", "def logits_only(logits, labels)"]),
+    (["show", "demo", f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrics", "train.batch_eval_metrics=true"],
+     ["hooks.compute_metrics", "compute_result", "train.batch_eval_metrics"]),
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_qa"],
+     ["hooks.formatting_func", f"{HOOKS_MODULE}:format_qa", "KeyError: 'question'", "called with train.jsonl row 1",
+      f"{HOOKS_MODULE}.py line", "instruction, output"]),
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_empty_for_arithmetic"],
+     ["train.jsonl: 1 row: hooks.formatting_func returned an empty string (first: row 2)",
+      f"{HOOKS_MODULE}:format_empty_for_arithmetic", "data.on_bad_row=skip"]),
+    (["show", "demo", "data.eval_path=easy.jsonl", "data.eval_path.hard=hard.jsonl"],
+     ["data.eval_path.hard=hard.jsonl", "'easy.jsonl'", "data.eval_path.easy=easy.jsonl data.eval_path.hard=hard.jsonl"]),
+    (["show", "demo", "data.eval_path.1st=easy.jsonl"], ["data.eval_path.1st", "set_1st"]),
 ]
 
 
@@ -286,4 +353,87 @@ def test_bad_hooks_and_eval_set_names_are_refused_before_anything_loads(world, m
     assert "Traceback" not in err and "fix:" in err
     for needle in needles:
         assert needle in err, (needle, err)
+    assert "fill in `text`" not in err  # the user's data has no text column: a formatting_func's empty text is its own
     assert not run_dir.exists()
+
+
+def test_rows_a_formatting_func_leaves_empty_are_skipped_with_on_bad_row_skip(world, monkeypatch):
+    """An empty text is the hook's, said as such; ``data.on_bad_row=skip`` leaves those rows out, as any bad row."""
+    from fasttune.data.rows import read_data
+
+    root, model = world
+    monkeypatch.chdir(root)
+
+    def empty_for_arithmetic(row):
+        return "" if row["instruction"].startswith("Two") else format_row(row)
+
+    recipe = config.resolve("demo", [f"model.name={model}", "data.path=train.jsonl", "eval.task=null", "data.on_bad_row=skip",
+                                     "data.eval_path.easy=easy.jsonl"])
+    data = read_data(recipe, empty_for_arithmetic)
+    assert len(data.train) == len(QUESTIONS) - 1 and len(data.eval_sets["easy"]) == 2
+    assert data.report.lines() == ["train.jsonl: skipped 1 row: hooks.formatting_func returned an empty string (first: row 2)"]
+
+
+def test_the_metric_hooks_sftrainer_gets_are_the_users_functions_guarded():
+    """The guarded hooks take the same arguments and return the same values (transformers reads
+    compute_metrics' signature for ``compute_result``); a bad return or an exception is a UserError
+    naming the hook and the step."""
+    import inspect
+    from types import SimpleNamespace
+
+    from fasttune.errors import UserError
+    from fasttune.hooks import guard_metric_hooks
+
+    seen = []
+
+    def metrics(prediction, compute_result=True):
+        seen.append((prediction, compute_result))
+        return None if not compute_result else {"accuracy": 0.5, "count": 3}
+
+    def logits(logits, labels):
+        return logits * 2
+
+    trainer = SimpleNamespace(compute_metrics=metrics, preprocess_logits_for_metrics=logits, state=SimpleNamespace(global_step=7))
+    guard_metric_hooks(trainer)
+    assert trainer.compute_metrics is not metrics and inspect.signature(trainer.compute_metrics) == inspect.signature(metrics)
+    assert trainer.compute_metrics("p", compute_result=False) is None  # a batch that is not the last returns what it likes
+    assert trainer.compute_metrics("p") == {"accuracy": 0.5, "count": 3} and seen == [("p", False), ("p", True)]
+    assert trainer.preprocess_logits_for_metrics(3, None) == 6
+    trainer.compute_metrics = lambda prediction: 0.5
+    trainer.preprocess_logits_for_metrics = lambda logits, labels: logits[5]
+    guard_metric_hooks(trainer)
+    with pytest.raises(UserError, match=r"hooks.compute_metrics = .*returned a float \(0.5\) at step 7"):
+        trainer.compute_metrics("p")
+    with pytest.raises(UserError, match=r"hooks.preprocess_logits_for_metrics = .*raised TypeError: .* at step 7"):
+        trainer.preprocess_logits_for_metrics(3, None)
+    guard_metric_hooks(SimpleNamespace(compute_metrics=None, preprocess_logits_for_metrics=None))  # no hooks: nothing to guard
+
+
+EVAL_FAILURES = [
+    ([f"hooks.compute_metrics={HOOKS_MODULE}:metrics_float"],
+     ["hooks.compute_metrics", f"{HOOKS_MODULE}:metrics_float", "returned a float (0.5) at step 1", "{name: number}"]),
+    ([f"hooks.compute_metrics={HOOKS_MODULE}:metrics_text"], [f"{HOOKS_MODULE}:metrics_text", "'verdict'", "str"]),
+    ([f"hooks.compute_metrics={HOOKS_MODULE}:metrics_raises"],
+     [f"{HOOKS_MODULE}:metrics_raises", "raised ZeroDivisionError: division by zero", f"{HOOKS_MODULE}.py line", "at step 1"]),
+    ([f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrics", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:logits_raise"],
+     ["hooks.preprocess_logits_for_metrics", f"{HOOKS_MODULE}:logits_raise", "raised ValueError: no logits today"]),
+]
+
+
+@pytest.mark.parametrize("hooks, needles", EVAL_FAILURES, ids=[h[-1].rpartition(":")[2] for h, _ in EVAL_FAILURES])
+def test_a_metric_hook_that_fails_at_an_evaluation_is_the_users_error(world, monkeypatch, capsys, hooks, needles):
+    """Exit 2 with the hook, the step and what went wrong, no traceback; the run folder keeps what was
+    written before the evaluation (config.yaml, metrics.jsonl) and no summary, and it is not held."""
+    root, model = world
+    monkeypatch.chdir(root)
+    run_dir = root / f"failed-{hooks[-1].rpartition(':')[2]}"
+    code = main(["recipe", "demo", *_base(root, model, run_dir), "train.max_steps=1", "train.eval_steps=1",
+                 "data.eval_path=easy.jsonl", *hooks])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "internal error" not in err and "fix:" in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
+    assert not (run_dir / ".fasttune.lock").exists()

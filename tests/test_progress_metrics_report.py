@@ -26,7 +26,7 @@ from transformers import (
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text
 from fasttune.report import installed_versions, plot_loss, training_summary, write_report
 from fasttune.report import read_metrics
-from fasttune.train.metrics_log import MetricsLog
+from fasttune.train.metrics_log import MetricsLog, name_the_eval_set
 from fasttune.train.progress import RichProgress, use_rich_progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # PNG spec, section 5.2 (https://www.w3.org/TR/png-3/)
@@ -121,7 +121,7 @@ def test_metrics_jsonl_has_one_line_per_log(run):
 def test_named_eval_sets_are_known_by_their_runtime_key():
     """``eval_<name>_loss`` is a set's loss only beside ``eval_<name>_runtime`` (what Trainer.evaluate logs
     per set): a compute_metrics key ``token_loss`` of a single eval set is not taken for a set."""
-    from fasttune.train.progress import _eval_set
+    from fasttune.train.metrics_log import eval_set_name as _eval_set
 
     metrics = [{"step": 1, "loss": 2.0},
                {"step": 2, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1},
@@ -131,6 +131,36 @@ def test_named_eval_sets_are_known_by_their_runtime_key():
     summary = training_summary(metrics)
     assert summary["eval_losses"] == {"easy": 1.25, "hard": 1.7} and summary["eval_loss"] == 1.0
     assert _eval_set(metrics[2]) == "hard" and _eval_set(metrics[4]) == ""
+
+
+def test_trls_eval_metrics_are_named_after_the_eval_set_in_metrics_jsonl_and_on_screen(tmp_path):
+    """TRL 1.14.2 adds eval_entropy, eval_mean_token_accuracy and eval_num_tokens to each named set's
+    evaluation without the set's name: metrics.jsonl names them after the set, and the display shows
+    them without eval_, as for a single set."""
+    log = MetricsLog(tmp_path)
+    state = TrainerState(global_step=2, max_steps=2, epoch=1.0, is_world_process_zero=True)
+    easy = {"eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_easy_score": 7.0, "eval_entropy": 10.5,
+            "eval_mean_token_accuracy": 0.25, "eval_num_tokens": 96.0, "epoch": 1.0}
+    single = {"eval_loss": 1.0, "eval_runtime": 0.1, "eval_entropy": 9.0, "eval_mean_token_accuracy": 0.5}
+    log.on_log(None, state, None, logs=dict(easy))
+    log.on_log(None, state, None, logs=dict(single))
+    named, one = read_metrics(tmp_path / "metrics.jsonl")
+    assert {k: v for k, v in named.items() if k.startswith("eval_")} == {
+        "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_easy_score": 7.0, "eval_easy_entropy": 10.5,
+        "eval_easy_mean_token_accuracy": 0.25, "eval_easy_num_tokens": 96.0}
+    assert {k: v for k, v in one.items() if k.startswith("eval_")} == single  # one set: as the trainer named them
+    clash = name_the_eval_set({"eval_easy_runtime": 0.1, "eval_easy_entropy": 7.0, "eval_entropy": 10.5})
+    assert clash == {"eval_easy_runtime": 0.1, "eval_easy_entropy": 7.0, "eval_entropy": 10.5}  # the user's own key is kept
+    console, buffer = _console()
+    progress = RichProgress(console=console)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    progress.on_train_begin(args, state, None)
+    progress.on_log(args, state, None, logs=dict(easy))
+    progress.on_log(args, state, None, logs=dict(single))
+    named_line, one_line = [line for line in buffer.getvalue().splitlines() if line.startswith("eval")]
+    assert named_line.startswith("eval easy  step 2/2") and one_line.startswith("eval  step 2/2")
+    for line in (named_line, one_line):
+        assert " eval_" not in line and "  mean_token_accuracy " in line and "  loss " in line, line
 
 
 def test_read_metrics_skips_a_torn_last_line(run, tmp_path):

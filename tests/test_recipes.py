@@ -156,6 +156,37 @@ def test_owned_sections_check_keys_and_values():
     assert "did you mean `train`?" in text
 
 
+
+def test_a_dotted_override_below_a_value_that_is_not_a_mapping_is_refused():
+    """``data.eval_path=easy.jsonl data.eval_path.hard=hard.jsonl`` would drop easy.jsonl; any key below a
+    value that is set (by the recipe or an earlier override) and is not a mapping is refused, all at once."""
+    from fasttune.errors import UserError
+
+    recipe = {"data": {"path": "train.jsonl"}, "train": {"learning_rate": 1e-4}}
+    with pytest.raises(UserError) as caught:
+        config.apply_overrides(recipe, ["data.eval_path=easy.jsonl", "data.eval_path.hard=hard.jsonl", "train.learning_rate.x=1"])
+    problems = caught.value.problems
+    assert [p.value for p in problems] == ["data.eval_path.hard=hard.jsonl", "train.learning_rate.x=1"]
+    first = problems[0].render()
+    assert "'easy.jsonl'" in first and "data.eval_path=easy.jsonl" in first  # the value it would replace, and where it came from
+    assert "name every entry: data.eval_path.easy=easy.jsonl data.eval_path.hard=hard.jsonl" in first
+    assert "0.0001" in problems[1].rule and "the recipe" in problems[1].rule and "train.learning_rate=VALUE" in problems[1].fix
+    # absent or null values still become mappings, and the recipe's own mapping is not edited
+    raw = {"data": {"eval_path": None}, "lora": {"r": 8}}
+    out = config.apply_overrides(raw, ["data.eval_path.easy=easy.jsonl", "data.eval_path.hard=hard.jsonl", "model.x.y=1"])
+    assert out["data"]["eval_path"] == {"easy": "easy.jsonl", "hard": "hard.jsonl"} and out["model"] == {"x": {"y": 1}}
+    assert raw == {"data": {"eval_path": None}, "lora": {"r": 8}}
+
+
+def test_an_eval_set_name_that_starts_with_a_digit_gets_a_usable_suggestion():
+    from fasttune.errors import UserError
+
+    for name, suggestion in (("1st", "set_1st"), ("bad-name", "bad_name"), ("2-b", "set_2_b")):
+        with pytest.raises(UserError) as caught:
+            config.resolve("demo", [f"data.eval_path.{name}=easy.jsonl"])
+        (problem,) = [p for p in caught.value.problems if p.where == f"data.eval_path.{name}"]
+        assert problem.fix == f"rename it, e.g. {suggestion}" and config.EVAL_SET_NAME.match(suggestion)
+
 def test_explicit_unsloth_backend_is_refused_where_it_cannot_run():
     from fasttune.errors import UserError
 

@@ -64,8 +64,9 @@ def assert_same_adapter(a: dict, b: dict) -> None:
 
 def test_learning_rate_zero_saves_the_adapter_it_started_from(first):
     root, base, data, run_dir = first
-    run = root / "again"
-    out = fasttune("recipe", "demo", *common(base, data, run), f"model.adapter={run_dir}", "train.learning_rate=0", cwd=root)
+    run, start = root / "again", root / "start"
+    shutil.copytree(run_dir, start)  # named by a relative path, then deleted before the export below
+    out = fasttune("recipe", "demo", *common(base, data, run), "model.adapter=start", "train.learning_rate=0", cwd=root)
     started = adapter_tensors(run_dir / "adapter")
     assert any("lora_B" in n and t.abs().sum() > 0 for n, t in started.items())  # it had trained: B is not zero
     assert_same_adapter(adapter_tensors(run / "adapter"), started)
@@ -75,6 +76,13 @@ def test_learning_rate_zero_saves_the_adapter_it_started_from(first):
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (16, 32, ["q_proj", "v_proj"])
     assert "model.adapter:" not in out.stdout  # same base: no note
+    assert "adapter training on from " + str(start) in out.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["adapter"] == str(start)  # absolute
+    assert f"| trained on from | `{start}` |" in (run / "report.md").read_text()
+    # The run's own adapter/ is what is exported: the one it started from is not needed any more.
+    shutil.rmtree(start)
+    fasttune("export", run, "--merged", cwd=root.parent)
+    assert (run / "merged" / "config.json").is_file()
 
 
 def test_training_goes_on_from_the_adapter_weights(first):
@@ -149,7 +157,10 @@ def test_bad_adapters_are_refused_before_anything_loads(first, tmp_path):
     args = common(base, data, tmp_path / "x")
     assert "model.adapter = '/nowhere/adapter': no such folder" in problems_of(*args, "model.adapter=/nowhere/adapter")[0]
     hub = problems_of(*args, "model.adapter=nobody/no-such-adapter")[0]  # HF_HUB_OFFLINE=1 in the tests
-    assert "model.adapter = 'nobody/no-such-adapter': cannot read its adapter_config.json from the hub" in hub
+    assert "model.adapter = 'nobody/no-such-adapter': is no local folder, and its adapter_config.json cannot be read" in hub
+    typo = problems_of(*args, f"model.adapter={run_dir.parent / 'frist'}")[0]
+    assert "no such folder" in typo and f"did you mean `{run_dir}`?" in typo
+    assert "is a file, not an adapter folder" in problems_of(*args, f"model.adapter={data}")[0]
     (tmp_path / "empty").mkdir()
     assert "has no adapter_config.json" in problems_of(*args, f"model.adapter={tmp_path / 'empty'}")[0]
     full = [p for p in problems_of(*args, "method=full", f"model.adapter={run_dir}") if p.startswith("model.adapter")]
@@ -173,3 +184,8 @@ def test_a_run_from_an_adapter_resumes_from_its_checkpoint_to_the_same_adapter(f
     ours, theirs = adapter_tensors(stopped / "adapter"), adapter_tensors(whole / "adapter")
     assert any(not torch.equal(theirs[n], adapter_tensors(run_dir / "adapter")[n]) for n in theirs)  # it trained
     assert_same_adapter(ours, theirs)
+    # The stopped folder's metrics.jsonl still held steps 3 and 4 (and the final rows) of the
+    # session thrown away: the record keeps each step once.
+    rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert len([r for r in rows if "train_runtime" in r]) == 1

@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from fasttune.errors import UserError
 from fasttune.families.chat_templates import get_template
+from fixtures.gguf_reads import each_gguf_read_once
 from fixtures.real_tokenizers import load_tokenizer
 from fixtures.tiny_models import build_tiny_model, chat_rows
 from fixtures.unsloth_cpu import env_with_unsloth
@@ -59,17 +60,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def _read_each_gguf_once():
     """One gguf.GGUFReader per file for this module (parsing a 128k-token vocabulary takes seconds):
     transformers' GGUF loader builds one for every read, the checks here one more (as test_gguf_export.py)."""
-    original, cache = gguf.GGUFReader, {}
-
-    def cached(path, mode="r"):
-        stat = Path(path).stat()
-        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, mode)
-        if key not in cache:
-            cache[key] = original(path, mode)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", cached)
+    with each_gguf_read_once():
         yield
 
 
@@ -488,7 +479,7 @@ def test_refusals_name_the_value_before_anything_is_written(tiny, tmp_path, monk
             call()
     trainer_output = tmp_path / "outputs"
     (trainer_output / "checkpoint-2").mkdir(parents=True)
-    with pytest.raises(UserError, match=r"holds checkpoint-2/, which is not a saved model"):
+    with pytest.raises(UserError, match=r"holds checkpoint-2/, which no fasttune save wrote"):
         model.save_pretrained_merged(trainer_output, tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"] and fake_hub == []
     assert [p.name for p in trainer_output.iterdir()] == ["checkpoint-2"]
@@ -497,6 +488,39 @@ def test_refusals_name_the_value_before_anything_is_written(tiny, tmp_path, monk
     with pytest.raises(UserError, match=re.escape("push_to_hub_gguf = 'HF_HUB_OFFLINE': offline mode is on")):
         model.push_to_hub_gguf("me/out", tokenizer, token=TOKEN)
     assert fake_hub == []
+
+
+def test_a_save_never_deletes_what_it_did_not_write(tiny, tmp_path, monkeypatch):
+    """A save replaces its folder whole: only a folder a save wrote (its record lists every file),
+    never one with other files in it, never the base or the adapter the model was loaded from."""
+    monkeypatch.chdir(tmp_path)
+    from fasttune import FastLanguageModel
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["mistral"], base)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=128, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=8)
+    model.save_pretrained_merged("lora_model", tokenizer, save_method="lora")
+    model.save_pretrained_merged("lora_model", tokenizer, save_method="lora")  # a notebook cell run again
+    assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
+
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "config.json").write_text("{}")
+    (notes / "notes.txt").write_text("my notes")
+    with pytest.raises(UserError, match=r"holds config.json, notes.txt, which no fasttune save wrote"):
+        model.save_pretrained_merged(notes, tokenizer, save_method="lora")
+    assert sorted(p.name for p in notes.iterdir()) == ["config.json", "notes.txt"]
+
+    before = sorted(p.name for p in base.iterdir())
+    with pytest.raises(UserError, match="is the folder this model was loaded from"):
+        model.save_pretrained_merged(str(base), tokenizer)
+    assert sorted(p.name for p in base.iterdir()) == before
+
+    reloaded, tokenizer = FastLanguageModel.from_pretrained("lora_model", max_seq_length=128, load_in_4bit=False)
+    with pytest.raises(UserError, match="is the folder this model was loaded from"):
+        reloaded.save_pretrained_merged("lora_model", tokenizer)
+    assert (tmp_path / "lora_model" / "adapter_model.safetensors").is_file()
 
 
 def test_unsloth_only_loading_arguments_are_refused_by_name_where_fasttune_cannot_honour_them(tiny):

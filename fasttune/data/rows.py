@@ -19,6 +19,7 @@ from fasttune.data.mapping import check_columns, compile_mapping, map_row, outpu
 from fasttune.data.report import DataReport
 from fasttune.data.sources import load_source
 from fasttune.errors import Problem, UserError
+from fasttune.hooks import hook_name, raised_at
 from fasttune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,9 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
         for number, row in enumerate(rows, start=1):
             report.rows_read += 1
             report.rows_kept += 1
-            if formatting_func is not None:
-                row = {"text": formatted(formatting_func, row, f"{path} row {number}")}
             try:
+                if formatting_func is not None:
+                    row = {"text": formatted(formatting_func, row, f"{path} row {number}")}
                 out.append(convert(map_row(row, templates) if templates else row, shape, data.system_prompt))
             except BadRow as bad:
                 report.drop(bad.kind, report.rows_read, bad.fix)
@@ -160,19 +161,26 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
 
 def formatted(formatting_func: typing.Callable[[dict], str], row: dict, where: str) -> str:
     """``formatting_func(row)``, which must be the row's text (one string: TRL 1.14.2 calls it per row).
-    An exception of the user's function keeps its traceback, with the row it failed on noted."""
+    An exception of the user's function is a UserError naming the row it was called with and the line
+    that raised; an empty text is a bad row of its own kind (``data.on_bad_row`` applies)."""
+    name = hook_name(formatting_func)
     try:
         text = formatting_func(row)
     except Exception as err:
-        err.add_note(f"fasttune: in hooks.formatting_func, called with {where}")
-        raise
+        columns = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+        raise UserError(Problem("hooks.formatting_func", name, f"raised {type(err).__name__}: {err} when called with {where}"
+                                f"{raised_at(err, formatting_func)}; the row's columns: {columns}",
+                                f"make {name} read the columns these rows have, or point the data at rows it was written for"),
+                        "hooks.formatting_func failed") from err
     if not isinstance(text, str):
         batched = isinstance(text, list) and all(isinstance(t, str) for t in text)
-        name = getattr(formatting_func, "__qualname__", repr(formatting_func))
         raise UserError(Problem("hooks.formatting_func", name, f"returned a {type(text).__name__} for {where}; it must return the row's "
                                 "text, one string" + (" (a list of strings is the batched form of older TRL versions; TRL 1.14.2 "
                                                       "calls it with one row at a time)" if batched else ""),
                                 "return one string for the row it is given"))
+    if not text.strip():
+        raise BadRow(f"hooks.formatting_func returned {'an empty string' if not text else 'only whitespace'}",
+                     f"make {name} return the row's text for them")
     return text
 
 

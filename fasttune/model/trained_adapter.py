@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fasttune.errors import Problem, UserError
+from fasttune.errors import Problem, UserError, suggest
 from fasttune.model.gguf_import import PACKAGE_PREFIX, cached_folder, default_cache_root, names_gguf, resolve_package_file
 from fasttune.run_folder import CONFIG
 
@@ -41,6 +41,12 @@ class AdapterSource:
     """Its adapter_config.json."""
     base_of_run: str | None = None
     """For a fasttune run folder: the ``model.name`` that run trained on."""
+
+    @property
+    def recorded(self) -> str:
+        """``spec`` as config.yaml records it: a local folder made absolute (a run read back from
+        elsewhere still finds it), a hub id as written."""
+        return str(Path(self.spec).expanduser().resolve()) if self.location != self.spec or Path(self.spec).exists() else self.spec
 
     @property
     def base(self) -> str | None:
@@ -71,7 +77,11 @@ def locate(spec: str) -> AdapterSource:
 def _local(spec: str) -> AdapterSource:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(Problem("model.adapter", spec, "no such folder", "give a PEFT adapter folder, a fasttune run folder or a hub id"))
+        raise UserError(Problem("model.adapter", spec, "no such folder", _nearby(path) or
+                                "give a PEFT adapter folder, a fasttune run folder or a hub id"))
+    if path.is_file():
+        raise UserError(Problem("model.adapter", spec, "is a file, not an adapter folder",
+                                "name the folder that holds adapter_config.json, or a fasttune run folder"))
     base_of_run = None
     if (path / CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():  # a fasttune run folder
         if (path / "model" / "config.json").is_file() and not (path / "adapter").exists():
@@ -126,10 +136,19 @@ def _from_hub(spec: str) -> AdapterSource:
         path = Path(hf_hub_download(spec, ADAPTER_CONFIG))
     except Exception as err:  # offline and not cached, private, no such repository, or no adapter in it
         reason = hub.offline_reason()
-        raise UserError(Problem("model.adapter", spec, f"cannot read its {ADAPTER_CONFIG} from the hub ({type(err).__name__}"
-                                + (f"; {reason}" if reason else "") + ")",
-                                "check the id and your network/HF_TOKEN, or give a local adapter folder")) from None
+        raise UserError(Problem("model.adapter", spec, f"is no local folder, and its {ADAPTER_CONFIG} cannot be read from the "
+                                f"hub ({type(err).__name__}" + (f"; {reason}" if reason else "") + ")",
+                                _nearby(Path(spec)) or "check the path, or the hub id and your network/HF_TOKEN")) from None
     return AdapterSource(spec, spec, _read_config(path, spec))
+
+
+def _nearby(path: Path) -> str:
+    """``did you mean `runs/demo-1`?`` for a folder beside ``path`` with a close name, else ``""``."""
+    parent = path.expanduser().parent
+    if not parent.is_dir():
+        return ""
+    close = suggest(path.name, [p.name for p in parent.iterdir() if p.is_dir()])
+    return close.replace("`", f"`{parent}/" if str(parent) != "." else "`", 1)
 
 
 def contradictions(recipe_lora: dict, adapter: AdapterSource) -> list[Problem]:
@@ -189,7 +208,8 @@ def adopt(recipe):
 
     adapter = locate(recipe.model.adapter)
     kept = {key: value for key, value in recipe.lora.items() if not (key in SETTINGS and value is None)}
-    return dataclasses.replace(recipe, lora={**kept, **adapter.settings()})
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, adapter=adapter.recorded),
+                               lora={**kept, **adapter.settings()})
 
 
 def attach(model, adapter: str):

@@ -2,7 +2,7 @@
 
 Each ``Trainer.log`` call (a training logging step, an evaluation, the end-of-training summary)
 becomes one line, written and flushed at once, so a killed run keeps everything it logged up to
-the kill. Resuming appends to the same file. fasttune.report reads it back (``read_metrics``).
+the kill. Resuming appends to the same file, after dropping the rows of steps the resumed checkpoint does not hold. fasttune.report reads it back (``read_metrics``).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from fasttune.atomic_io import atomic_write_text
 from fasttune.report import metrics_path
 
 
@@ -26,8 +27,9 @@ class MetricsLog(TrainerCallback):
     (unix seconds), ``elapsed_s`` (seconds since this session's ``on_train_begin``, or since this
     callback was made for logs that come before training, such as a baseline evaluation), then
     every logged key as the trainer named it (``loss``, ``grad_norm``, ``learning_rate``,
-    ``eval_loss``, ``train_runtime``, ...). A non-finite float is written as ``null``: strict JSON
-    has no NaN, and other tools (jq, JavaScript) must be able to read the file.
+    ``eval_loss``, ``train_runtime``, ...), except that in an evaluation of a named eval set TRL's own
+    eval metrics carry the set's name too (:func:`name_the_eval_set`). A non-finite float is written
+    as ``null``: strict JSON has no NaN, and other tools (jq, JavaScript) must be able to read the file.
 
     ``path`` is the file when its name ends in ``.jsonl``, otherwise the run directory that
     holds ``metrics.jsonl`` (it need not exist yet).
@@ -40,6 +42,8 @@ class MetricsLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.monotonic()
+        if state.is_world_process_zero:
+            _drop_steps_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:
@@ -50,7 +54,7 @@ class MetricsLog(TrainerCallback):
             "time": round(time.time(), 3),
             "elapsed_s": round(time.monotonic() - self._start, 3),
         }
-        record.update({key: _plain(value) for key, value in (logs or {}).items()})
+        record.update({key: _plain(value) for key, value in name_the_eval_set(logs or {}).items()})
         self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -64,6 +68,32 @@ class MetricsLog(TrainerCallback):
         # unflushed data when the process is killed.
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(line)
+
+
+def eval_set_name(logs: dict[str, Any]) -> str:
+    """The named eval set an evaluation's logs are of (``eval_<name>_runtime``, as transformers' Trainer
+    prefixes each set of a dict of eval datasets), or "" for a single eval set or no evaluation."""
+    for key in logs:
+        if key.startswith("eval_") and key.endswith("_runtime") and key != "eval_runtime":
+            return key[len("eval_"):-len("_runtime")]
+    return ""
+
+
+def name_the_eval_set(logs: dict[str, Any]) -> dict[str, Any]:
+    """``logs`` (a copy) with the eval metrics TRL adds named after the eval set they are of. TRL 1.14.2's
+    ``SFTTrainer.log`` adds ``eval_entropy``, ``eval_mean_token_accuracy``, ``eval_num_tokens`` to every
+    evaluation's logs without the set's name that transformers gives the rest (``eval_<name>_loss``): with
+    several sets, each set's would read as every set's. They become ``eval_<name>_entropy``, ...; a key
+    of that name already there (the user's compute_metrics) is left as it is. Other logs are unchanged."""
+    name = eval_set_name(logs)
+    if not name:
+        return dict(logs)
+    prefix = f"eval_{name}_"
+    out = {}
+    for key, value in logs.items():
+        named = prefix + key[len("eval_"):] if key.startswith("eval_") and not key.startswith(prefix) else key
+        out[key if named in logs else named] = value
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -83,6 +113,19 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """Training starts (or resumes) at ``step`` (the checkpoint's, 0 from the start): the rows a
+    stopped session logged after it are thrown away with that session's work, so the record holds
+    each step once (rows before training, such as a baseline evaluation, are step 0 and stay)."""
+    if not path.exists():
+        return
+    _drop_torn_tail(path)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _drop_torn_tail(path: Path) -> None:

@@ -22,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers import trainer as hf_trainer
 
+from fasttune.train.metrics_log import eval_set_name, name_the_eval_set
+
 # Keys that say nothing to a person watching: total_flos is a cumulative FLOP count and epoch is
 # already shown with the step.
 _QUIET_KEYS = ("total_flos", "epoch")
@@ -114,9 +116,10 @@ class RichProgress(TrainerCallback):
             else:
                 self._print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}")
         elif any(key.startswith("eval_") for key in logs):
-            name = _eval_set(logs)
+            name = eval_set_name(logs)
             label = f"eval {name}" if name else "eval"
-            self._print(f"{label}  step {state.global_step}/{state.max_steps}  {_key_values(logs, f'eval_{name}_' if name else 'eval_')}")
+            shown = _key_values(name_the_eval_set(logs), f"eval_{name}_" if name else "eval_")  # TRL's metrics too: no eval_ left
+            self._print(f"{label}  step {state.global_step}/{state.max_steps}  {shown}")
         elif "train_runtime" in logs:
             self._print(f"done  step {state.global_step}/{state.max_steps}  {_key_values(logs, '')}")
         else:
@@ -181,15 +184,6 @@ def use_rich_progress(
     progress = RichProgress(console=console, tokens_per_step=tokens_per_step)
     trainer.add_callback(progress)
     return progress
-
-
-def _eval_set(logs: dict[str, Any]) -> str:
-    """The named eval set an evaluation's logs are of (``eval_<name>_runtime``, as transformers'
-    Trainer prefixes each set of a dict of eval datasets), or "" for a single eval set."""
-    for key in logs:
-        if key.startswith("eval_") and key.endswith("_runtime") and key != "eval_runtime":
-            return key[len("eval_"):-len("_runtime")]
-    return ""
 
 
 def _clock(seconds: float) -> str:

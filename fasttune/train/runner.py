@@ -24,6 +24,7 @@ from fasttune.disk import disk_full, gib, require_free
 from fasttune.errors import Problem, UserError
 from fasttune.export.exporter import export_run, request_from_recipe
 from fasttune.export.model_card import model_card
+from fasttune.hooks import guard_metric_hooks
 from fasttune.inspect_data import print_stats
 from fasttune.machine import MachinePlan
 from fasttune.model import backends
@@ -132,6 +133,10 @@ def setup(prepared: Prepared, console) -> Session:
     set_seed(configs.sft.seed)
     model, engine = backends.load(source, recipe, plan, configs)
     console.print(f"[bold]engine[/] {escape(engine.describe())}")
+    if recipe.model.adapter:
+        lora = recipe.lora
+        console.print(f"[bold]adapter[/] training on from {escape(recipe.model.adapter)} (its own settings: r {lora.get('r')}, "
+                      f"alpha {lora.get('lora_alpha')})")
     if engine.fast_path is not None and engine.fast_path.layers and not engine.fast_path.fused:
         console.print("[yellow]slow path[/] Unsloth did not fuse every layer; see the notes above for the settings that cost it")
     task, before = None, None
@@ -152,6 +157,7 @@ def setup(prepared: Prepared, console) -> Session:
             preprocess_logits_for_metrics=hooks.preprocess_logits_for_metrics,
         )
     keep_packed_rows_apart(trainer, plan.attention)
+    guard_metric_hooks(trainer)  # the user's compute_metrics failing at an evaluation: a UserError, not a traceback
 
     atomic_checkpoints(trainer)
     if configs.bnb is not None:
@@ -230,8 +236,22 @@ def train(session: Session, resume_from: str | None = None) -> None:
         raise full from None
     if interrupt.requested:
         raise TrainingInterrupted(session.run_dir, trainer.state.global_step)
-    if session.data.eval:
-        session.final_eval = session.trainer.evaluate()
+
+
+def final_evaluation(trainer) -> dict:
+    """The evaluation after training: one eval set's metrics as the trainer names them (``eval_loss``, ...),
+    or, for named eval sets, each set evaluated on its own: ``{name: {metric: value}}``, the ``eval_<name>_``
+    taken off. One ``evaluate`` of the dict would merge the sets: TRL 1.14.2's ``SFTTrainer.log`` adds its own
+    ``eval_entropy``, ``eval_mean_token_accuracy``, ``eval_num_tokens`` to each set's metrics without the set's
+    name, so the last set's would win."""
+    if not isinstance(trainer.eval_dataset, dict):
+        return trainer.evaluate()
+    out = {}
+    for name in trainer.eval_dataset:
+        prefix = f"eval_{name}"
+        metrics = trainer.evaluate(eval_dataset=name, metric_key_prefix=prefix)  # a str: the set SFTTrainer prepared
+        out[name] = {key.removeprefix(f"{prefix}_").removeprefix("eval_"): value for key, value in metrics.items()}
+    return out
 
 
 def save(session: Session) -> None:
@@ -247,13 +267,16 @@ def save(session: Session) -> None:
         return
     with terminate_raises_interrupt():
         save_trained_weights(session)
+        if session.data.eval:  # after the weights: a hook that fails here cannot cost the training
+            session.final_eval = final_evaluation(trainer)
         _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
         metrics = read_metrics(run_dir / "metrics.jsonl")
         plot_loss(metrics, run_dir / "loss.png")
         trainable, total = count_parameters(trainer.model)
         plan, data, before, task = session.plan, session.data, session.before, session.task
         info = {
-            "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "backend": plan.backend,
+            "recipe": recipe.name, "base_model": recipe.model.name, "method": recipe.method, "adapter": recipe.model.adapter,
+            "backend": plan.backend,
             "backend_reason": plan.backend_reason, "dtype": plan.dtype, "attention": plan.attention, "device": plan.device_name,
             "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
             "kernels": session.engine.kernels, "processes": world_size(),
@@ -261,9 +284,9 @@ def save(session: Session) -> None:
             "train_rows": len(data.train), "eval_rows": sum(map(len, data.eval_sets.values())) if data.eval_sets else len(data.eval),
             "eval_sets": {name: len(rows) for name, rows in data.eval_sets.items()} or None,
             "trainable_params": trainable, "total_params": total, "metrics": metrics,
-            "eval_loss": (session.final_eval or {}).get("eval_loss"),
-            "eval_losses": {name: (session.final_eval or {}).get(f"eval_{name}_loss") for name in data.eval_sets} or None,
-            "eval_metrics": session.final_eval,
+            "eval_loss": None if data.eval_sets else (session.final_eval or {}).get("eval_loss"),
+            "eval_losses": {name: (session.final_eval or {}).get(name, {}).get("loss") for name in data.eval_sets} or None,
+            "eval_metrics": session.final_eval,  # named eval sets: {name: {metric: value}}, each set's own final evaluation
             "task": {"name": task.name, "before": before["metrics"], "after": after["metrics"]} if task else None,
             "samples": _paired_samples(before, after, recipe.eval.samples) if task else None,
         }

@@ -63,6 +63,8 @@ class FastLanguageModel:
         if adapter is not None:  # `revision` names the adapter's revision in Unsloth; the base's is in its config
             revision = adapter.config.get("revision")
         source = resolve_model_source(adapter.base if adapter else model_name)
+        if Path(source).expanduser().is_dir():  # absolute: the adapter's config names its base wherever the merge runs
+            source = str(Path(source).expanduser().resolve())
         model_type = _model_type(source, revision, token)
         family = FAMILIES.get(model_type)
         facts = machine.detect()
@@ -93,6 +95,8 @@ class FastLanguageModel:
                             dtype_reason=dtype_reason)
             if adapter is not None:
                 model, tokenizer = _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code)
+        engine.loaded_from = tuple(str(Path(p).resolve()) for p in (source, adapter.location if adapter else None)
+                                   if p and Path(p).is_dir())
         setattr(model, _ENGINE_ATTRIBUTE, engine)
         attach_saving_calls(model, engine)  # Unsloth's save_pretrained_merged & co, fasttune's way
         print(f"fasttune: {engine.describe()}" + (f"; adapter {adapter.spec} on {adapter.base}" if adapter else ""))

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fasttune.atomic_io import atomic_replace_dir, temp_dir_beside
+from fasttune.atomic_io import atomic_dir, atomic_write_text, temp_dir_beside
 from fasttune.disk import gib
 from fasttune.errors import Problem, UserError
 from fasttune.families import FAMILIES
@@ -22,22 +22,22 @@ from fasttune.output_paths import folder_problem
 SAVING = "cannot save the model"
 
 
+SAVE_RECORD = "fasttune-save.json"
+"""Written into every folder these saving calls write: what they wrote, so a later save may replace it."""
+
+
 def save_adapter(model, out: Path, tokenizer) -> Path:
     """``out``: the LoRA adapter (PEFT's safetensors) and, if given, the tokenizer."""
     if not has_lora(model):
         raise UserError(Problem("save_method", "lora", "this model has no LoRA adapter (full fine-tuning trains every weight)",
                                 "save_method='merged_16bit' writes the whole model in 16 bits"), SAVING)
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    path = atomic_replace_dir(tmp, out)
-    print(f"fasttune: saved the LoRA adapter to {path}")
-    return path
+        record_save(tmp)
+    print(f"fasttune: saved the LoRA adapter to {out}")
+    return out
 
 
 def save_16bit_model(model, merged_dtype: str, out: Path, tokenizer) -> Path:
@@ -51,16 +51,12 @@ def save_16bit_model(model, merged_dtype: str, out: Path, tokenizer) -> Path:
                                 "full_finetuning=True to train and save the whole model"), SAVING)
     from fasttune.train.runner import save_16bit
 
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         save_16bit(model, tmp, merged_dtype)
         tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    path = atomic_replace_dir(tmp, out)
-    print(f"fasttune: saved the model in {merged_dtype} to {path}")
-    return path
+        record_save(tmp)
+    print(f"fasttune: saved the model in {merged_dtype} to {out}")
+    return out
 
 
 def merge_into_base(model, out: Path, tokenizer, dtype: str) -> Path:
@@ -76,6 +72,7 @@ def merge_into_base(model, out: Path, tokenizer, dtype: str) -> Path:
             raise UserError(Problem("model", type(model).__name__, "its adapter does not name the base model it was "
                                     "attached to", "load the base with FastLanguageModel.from_pretrained(name)"), SAVING)
         result = merge_adapter(base, adapter, out, tokenizer, save_dtype=dtype, revision=config.get("revision"))
+        record_save(result.path)
     finally:
         shutil.rmtree(adapter, ignore_errors=True)
     print(f"fasttune: merged {result.merged_modules} LoRA modules into {base} -> {result.path} ({dtype})")
@@ -121,21 +118,42 @@ def write_ggufs(model_dir: Path, gguf_dir: Path, presets: list[str], tokenizer, 
     return written, modelfile
 
 
-def claim_folder(save_directory) -> Path:
-    """``save_directory``, refused unless absent, empty or a saved model (files only, one of them
-    config.json or adapter_config.json): the save replaces it whole, and fasttune never deletes
-    what it did not write (a Trainer's output_dir with its checkpoints, say)."""
+def claim_folder(save_directory, loaded_from: tuple[str, ...] = ()) -> Path:
+    """``save_directory``, refused unless absent, empty, or a folder a save of these calls wrote
+    (its SAVE_RECORD lists everything in it): the save replaces it whole, and fasttune never deletes
+    what it did not write (a Trainer's output_dir, notes beside a model, the model itself). A folder
+    the model was loaded from (``loaded_from``: its base, its adapter) is refused too."""
     out = Path(save_directory).expanduser()
     problem = folder_problem(out, "save_directory", "give a folder you can write")
     if problem is not None:
         raise UserError(problem, SAVING)
+    if out.exists() and str(out.resolve()) in loaded_from:
+        raise UserError(Problem("save_directory", str(out), "is the folder this model was loaded from: a save replaces "
+                                "the whole folder, and the model would lose its own weights", "give a new folder"), SAVING)
     entries = sorted(out.iterdir()) if out.is_dir() else []
-    if entries and (any(e.is_dir() for e in entries) or not {e.name for e in entries} & {"config.json", "adapter_config.json"}):
-        shown = ", ".join(e.name + "/" * e.is_dir() for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
-        raise UserError(Problem("save_directory", str(out), f"holds {shown}, which is not a saved model; a save replaces "
+    foreign = [e for e in entries if e.name != SAVE_RECORD and e.name not in _recorded(out)]
+    if foreign:
+        shown = ", ".join(e.name + "/" * e.is_dir() for e in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise UserError(Problem("save_directory", str(out), f"holds {shown}, which no fasttune save wrote; a save replaces "
                                 "the whole folder", "give a new folder, or move those yourself (fasttune never deletes "
                                 "what it did not write)"), SAVING)
     return out
+
+
+def _recorded(folder: Path) -> set[str]:
+    """The names SAVE_RECORD in ``folder`` says a save wrote there (none when it is absent or unreadable)."""
+    try:
+        record = json.loads((folder / SAVE_RECORD).read_text(encoding="utf-8"))
+        return {str(name) for name in record.get("files", [])}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def record_save(folder: Path) -> None:
+    """Write SAVE_RECORD into ``folder``: every file a save put there, so the next save may replace them."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.name != SAVE_RECORD)
+    atomic_write_text(Path(folder) / SAVE_RECORD, json.dumps({"written_by": "fasttune.FastLanguageModel", "files": names},
+                                                             indent=1) + "\n")
 
 
 def has_lora(model) -> bool:

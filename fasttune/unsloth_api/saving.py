@@ -43,6 +43,8 @@ class Trained:
 
     model: object
     merged_dtype: str
+    loaded_from: tuple[str, ...] = ()
+    """Folders the model's weights came from: never a save_directory."""
     replaced: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -51,7 +53,7 @@ class Trained:
 
 def attach_saving_calls(model, engine) -> None:
     """Set fasttune's saving calls on this ``model`` instance (a patch of it alone), replacing any there."""
-    trained = Trained(model, save_dtype(engine.dtype))
+    trained = Trained(model, save_dtype(engine.dtype), engine.loaded_from)
     for call in (save_pretrained_merged, save_pretrained_gguf, push_to_hub_merged, push_to_hub_gguf):
         previous = vars(model).get(call.__name__)
         owner = getattr(previous, "__self__", None)
@@ -78,7 +80,7 @@ def save_pretrained_merged(self: Trained, save_directory, tokenizer=None, save_m
     _check_unused("save_pretrained_merged", unsloth_only)
     if push_to_hub:
         return push_to_hub_merged(self, str(save_directory), tokenizer, save_method=method, token=token)
-    out = save_outputs.claim_folder(save_directory)
+    out = save_outputs.claim_folder(save_directory, self.loaded_from)
     if method == "lora":
         return save_outputs.save_adapter(self.model, out, tokenizer)
     _require_tokenizer(tokenizer, "save_pretrained_merged")
@@ -95,7 +97,7 @@ def save_pretrained_gguf(self: Trained, save_directory, tokenizer=None, quantiza
     _require_gguf_family(self.model)
     if push_to_hub:
         return push_to_hub_gguf(self, str(save_directory), tokenizer, quantization_method=presets, token=token)
-    out = save_outputs.claim_folder(save_directory)
+    out = save_outputs.claim_folder(save_directory, self.loaded_from)
     gguf_dir = Path(f"{out}_gguf")
     problem = folder_problem(gguf_dir, "save_directory", "give a save_directory whose <name>_gguf folder can be written")
     if problem is not None:

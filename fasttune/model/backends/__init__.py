@@ -27,6 +27,8 @@ class Engine:
     kernels: str | None = None
     """Extra kernels applied on the hf backend (Liger), else None."""
     dtype_reason: str = ""
+    loaded_from: tuple[str, ...] = ()
+    """The local folders the weights were read from (the base, an adapter): a save must not replace them."""
 
     def describe(self) -> str:
         parts = [f"backend {self.backend} ({self.reason})", f"dtype {self.dtype}" + (f" ({self.dtype_reason})" if self.dtype_reason else ""), f"attention {self.attention}",
