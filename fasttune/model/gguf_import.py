@@ -245,6 +245,18 @@ def _fix_special_tokens(tokenizer, meta: dict, pad_candidates: tuple[str, ...],
     return eos_id, pad_id
 
 
+PROVENANCE = "fasttune_import.json"
+"""Written into each converted folder: the GGUF file it was made from."""
+
+
+def imported_from(folder: Path) -> Path | None:
+    """The GGUF file a converted ``folder`` was made from, or None for any other folder."""
+    try:
+        return Path(json.loads((Path(folder) / PROVENANCE).read_text(encoding="utf-8"))["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _write_provenance(out_dir: Path, gguf_path: Path, seconds: float) -> None:
     stat = gguf_path.stat()
     record = {
@@ -254,7 +266,7 @@ def _write_provenance(out_dir: Path, gguf_path: Path, seconds: float) -> None:
         "format_version": FORMAT_VERSION,
         "import_seconds": round(seconds, 1),
     }
-    (out_dir / "fasttune_import.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _remove_stale_temps(cache_root: Path, prefix: str) -> None:

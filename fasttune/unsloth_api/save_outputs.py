@@ -9,6 +9,7 @@ that holds anything but a saved model is never replaced.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fasttune.atomic_io import atomic_dir, atomic_write_text, temp_dir_beside
 from fasttune.disk import gib
 from fasttune.errors import Problem, UserError
 from fasttune.families import FAMILIES
+from fasttune.model.gguf_import import imported_from
 from fasttune.families.chat_templates import TEMPLATES, get_template, recognize
 from fasttune.output_paths import folder_problem
 
@@ -109,6 +111,7 @@ def write_ggufs(model_dir: Path, gguf_dir: Path, presets: list[str], tokenizer, 
         written.append(result.path)
         if ollama is not None:
             path = write_modelfile(gguf_dir, name, template, name="Modelfile" if index == 0 else f"Modelfile.{preset}")
+            print(f"fasttune: wrote {path} ({template.name} template): ollama create NAME -f {path}")
             modelfile = modelfile or path
     if ollama is None:
         why = ("the tokenizer has no chat template" if not tokenizer.chat_template else
@@ -163,5 +166,10 @@ def has_lora(model) -> bool:
 
 
 def model_stem(model) -> str:
-    """The GGUF file stem: the last part of the base model's name, as Unsloth's ``_model_basename``."""
-    return Path(str(getattr(model, "name_or_path", "") or "model")).name or "model"
+    """The GGUF file stem: the last part of the base model's name, as Unsloth's ``_model_basename``; for a
+    base fasttune converted from a GGUF file, that file's name without its type (``SmolLM2-135M-Instruct``)."""
+    name = Path(str(getattr(model, "name_or_path", "") or "model"))
+    source = imported_from(name) if name.is_dir() else None
+    if source is not None:
+        return re.sub(r"[.-](?:I?Q\d\w*|F16|BF16|F32)$", "", source.stem, flags=re.IGNORECASE) or source.stem
+    return name.name or "model"
