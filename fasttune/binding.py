@@ -184,6 +184,8 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> LibraryConfigs:
     train["output_dir"] = str(run_dir / "checkpoints")
     train.setdefault("report_to", "none")
     train.update(device_settings(recipe, plan, notes))
+    if recipe.train.get("learning_rate") == 0:
+        notes.append("train.learning_rate=0: no weight will change (a check that the run starts where it should)")
     packing = packing_decision(recipe, plan)
     if "packing" not in recipe.train:
         train["packing"] = packing.enabled

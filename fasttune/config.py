@@ -151,7 +151,7 @@ BUILTIN_PREFIX = "builtin:"
 
 OWNED_SECTIONS = {"model": ModelSection, "data": DataSection, "eval": EvalSection, "export": ExportSection, "hooks": HooksSection}
 TOP_LEVEL = ("name", "description", "family", "method", "gpu_memory_gb", "extends")
-RUN_KEYS = ("machine",)
+RUN_KEYS = ("machine", "python_hooks")
 """Keys fasttune adds to a run's config.yaml (what ran it): ignored when that file is read back as a recipe."""
 
 
@@ -287,7 +287,7 @@ def source_paths(spec: typing.Union[str, list, None]) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def _data_problems(data: DataSection) -> list[Problem]:
+def _data_problems(data: DataSection, train: typing.Optional[dict] = None) -> list[Problem]:
     """Checks of ``data`` fields beyond their types (the files themselves are read by fasttune.data)."""
     problems = []
     paths = source_paths(data.path)
@@ -295,7 +295,7 @@ def _data_problems(data: DataSection) -> list[Problem]:
         problems.append(Problem("data.path", data.path, "a builtin: task cannot be combined with other sources",
                                 "use the builtin task alone, or only files and hub datasets"))
     if isinstance(data.eval_path, dict):
-        problems.extend(_eval_set_problems(data))
+        problems.extend(_eval_set_problems(data, train or {}))
     for key in ("max_rows", "eval_rows"):
         value = getattr(data, key)
         if value is not None and value < (1 if key == "max_rows" else 0):
@@ -309,8 +309,9 @@ def eval_sets(spec: typing.Union[str, list, dict, None]) -> dict[str, list[str]]
     return {str(name): source_paths(paths) for name, paths in spec.items()} if isinstance(spec, dict) else {}
 
 
-def _eval_set_problems(data: DataSection) -> list[Problem]:
-    """Named eval sets: each name a simple identifier (it becomes a metric key), each with sources."""
+def _eval_set_problems(data: DataSection, train: dict) -> list[Problem]:
+    """Named eval sets: each name a simple identifier (it becomes a metric key), each with sources, and a
+    best-model metric (``train``: the recipe's train section) that names one set's metric."""
     problems = []
     if not data.eval_path:
         problems.append(Problem("data.eval_path", data.eval_path, "is an empty mapping of eval sets",
@@ -330,7 +331,40 @@ def _eval_set_problems(data: DataSection) -> list[Problem]:
         problems.append(Problem("data.eval_fraction", data.eval_fraction, "holds rows out of data.path, but data.eval_path names eval "
                                 "sets: which set would they join?", "set data.eval_fraction=0, and give the held-out rows a file "
                                                                      "of their own in data.eval_path"))
+    problems.extend(_best_model_problems([str(name) for name in data.eval_path], train))
     return problems
+
+
+BEST_MODEL_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+"""lr_scheduler_type values transformers steps by ``metric_for_best_model`` after each evaluation."""
+
+
+def _best_model_problems(names: list[str], train: dict) -> list[Problem]:
+    """With named eval sets transformers' Trainer logs ``eval_<name>_loss`` and no ``eval_loss``, so a
+    best-model metric must name one set's: ``train.metric_for_best_model``, which defaults to ``loss``
+    (``eval_loss``) under ``load_best_model_at_end`` or a plateau scheduler (transformers 5.17,
+    TrainingArguments.__post_init__), is looked up at the first save (``Trainer._determine_best_metric``)
+    or evaluation and raises KeyError there, after training started."""
+    if not names:
+        return []
+    metric = train.get("metric_for_best_model")
+    examples = ", ".join(f"eval_{name}_loss" for name in names)
+    if metric is not None:
+        key = str(metric) if str(metric).startswith("eval_") else f"eval_{metric}"
+        if any(key.startswith(f"eval_{name}_") and len(key) > len(f"eval_{name}_") for name in names):
+            return []
+        return [Problem("train.metric_for_best_model", metric, f"is looked up as {key}, which named eval sets do not log: each "
+                        f"set's metrics are eval_<name>_<metric> ({examples}, ...); the run would fail at its first save",
+                        f"name one set's metric, e.g. train.metric_for_best_model=eval_{names[0]}_loss")]
+    best, scheduler = train.get("load_best_model_at_end"), train.get("lr_scheduler_type")
+    asks = [("train.load_best_model_at_end", best)] if best is True or str(best).lower() == "true" else []
+    if str(getattr(scheduler, "value", scheduler)) in BEST_MODEL_SCHEDULERS:
+        asks.append(("train.lr_scheduler_type", scheduler))
+    return [Problem(key, value, "compares evaluations by transformers' default metric_for_best_model=loss (eval_loss), which "
+                    f"named eval sets do not log ({examples}); the run would fail at its first "
+                    f"{'save' if key.endswith('at_end') else 'evaluation'}",
+                    f"set train.metric_for_best_model to one set's metric, e.g. eval_{names[0]}_loss")
+            for key, value in asks]
 
 
 def _set_name(name: object) -> str:
@@ -453,13 +487,19 @@ def resolve(name_or_path: str, overrides: typing.Sequence[str] = (),
         problems.append(Problem("data.path", None, "every recipe names its training data", "set data.path=<file.jsonl>"))
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(Problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)", "use e.g. 0.05 for a 5% held-out split"))
-    problems.extend(_data_problems(data))
+    problems.extend(_data_problems(data, library["train"]))
     problems.extend(hook_form_problems(sections["hooks"]))
     bad = [t for t in sections["export"].gguf if t not in GGUF_TYPES]
     if bad:
         problems.append(Problem("export.gguf", sections["export"].gguf, f"types must be among {', '.join(GGUF_TYPES)}",
                                 suggest(str(bad[0]), GGUF_TYPES) or "use e.g. [q8_0] or [q4_k_m]"))
 
+    if model.adapter and isinstance(library["lora"], dict):
+        # The adapter's own settings replace what a shipped recipe brings; only the user's own lora
+        # values (the command line's, the user's recipe file's) are checked against the adapter.
+        own = set(recipes.own_section(name_or_path, "lora")) | {
+            item.partition("=")[0].strip().split(".")[1] for item in overrides if item.strip().startswith("lora.") and "=" in item}
+        library["lora"] = {key: value for key, value in library["lora"].items() if key in own}
     if family in FAMILIES:
         fam = FAMILIES[family]
         if method in ("qlora", "lora") and not model.adapter:  # an adapter brings its own targets

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fasttune.config import Recipe
 from fasttune.data.rows import read_data
-from fasttune.data.tokenize import MaskRules, row_shape, rules_for_shape
+from fasttune.data.tokenize import IGNORE, MaskRules, row_shape, rules_for_shape, tokenize
 from fasttune.errors import Problem, SourceUnavailable, UserError
 from fasttune.export.checks import tokenizer_export_problems
 from fasttune.model.local_model import model_target_problem
@@ -88,10 +88,16 @@ def dry_run(prepared: Prepared) -> DryRunReport:
     if refused:
         raise UserError(refused, "the export this recipe asks for would be refused after training")
     if formatting_func is not None and data is not None and data.train:
-        # the first row as it trains: the formatting_func's text and EOS, as TRL 1.14.2 appends it to text rows
+        # the first row as it trains: tokenized by fasttune.data.tokenize, as a run tokenizes it (its text and EOS)
         text = data.train[0]["text"]
-        ids = tokenizer(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
-        report.checked.append(f"hooks.formatting_func: first row -> {len(ids)} tokens, every one trained: {text[:80]!r}"
+        made = tokenize(data.train[:1], tokenizer, MaskRules.from_sft(configs.sft))
+        ids, labels = made.dataset[0]["input_ids"], made.dataset[0]["labels"]
+        trained = sum(label != IGNORE for label in labels)
+        limit = made.rules.max_length
+        cut = (f"; train.max_length {limit} keeps {limit} of them ({made.rules.truncation_mode})"
+               if limit is not None and len(ids) > limit else "")
+        report.checked.append(f"hooks.formatting_func: first row -> {len(ids)} tokens, "
+                              + ("every one trained" if trained == len(ids) else f"{trained} trained") + f"{cut}: {text[:80]!r}"
                               + ("..." if len(text) > 80 else ""))
     if recipe.export.gguf:
         report.checked.append(f"GGUF export ({', '.join(recipe.export.gguf)}): family, templates and tokenizer can be written")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import numbers
 import os
@@ -57,6 +58,26 @@ def _importable_from_here() -> None:
     importlib.invalidate_caches()  # a module written after this process looked at the folder
 
 
+def _no_module(key: str, spec: str, module_name: str) -> Problem:
+    here = [p[:-3] for p in os.listdir(".") if p.endswith(".py")]
+    return Problem(key, spec, f"names module {module_name!r}, which is neither a .py file in the current folder "
+                   f"({os.getcwd()}) nor an installed package",
+                   suggest(module_name, here) or f"run fasttune from the folder that holds {module_name}.py, or install the package")
+
+
+def module_problem(key: str, spec: str) -> Problem | None:
+    """Whether the module of ``spec`` can be found, without running it (``importlib.util.find_spec``):
+    resolving a recipe (``show`` too) must not run the user's code, nor import transformers before
+    Unsloth. The module is imported, and its attribute checked, when the run is prepared (:func:`ready`)."""
+    module_name = spec.partition(":")[0].strip()
+    _importable_from_here()
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):  # a parent package that is missing (or raises)
+        found = None
+    return None if found is not None else _no_module(key, spec, module_name)
+
+
 def find(key: str, spec: str) -> tuple[object, Problem | None]:
     """The object ``spec`` (``module:attribute``, the attribute may be dotted) names, or why not."""
     module_name, _, attribute = spec.partition(":")
@@ -66,11 +87,7 @@ def find(key: str, spec: str) -> tuple[object, Problem | None]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-            here = [p[:-3] for p in os.listdir(".") if p.endswith(".py")]
-            return None, Problem(key, spec, f"names module {module_name!r}, which is neither a .py file in the current folder "
-                                 f"({os.getcwd()}) nor an installed package",
-                                 suggest(module_name, here) or f"run fasttune from the folder that holds {module_name}.py, "
-                                                              "or install the package")
+            return None, _no_module(key, spec, module_name)
         return None, Problem(key, spec, f"importing {module_name} failed: {err}", f"install {err.name}, or fix the import in {module_name}")
     except Exception as err:  # the user's module raised while it was imported
         return None, Problem(key, spec, f"importing {module_name} raised {type(err).__name__}: {err}",
@@ -131,8 +148,11 @@ def _problems(recipe: Recipe) -> tuple[dict[str, object], list[Problem]]:
 
 
 def hook_problems(recipe: Recipe) -> list[Problem]:
-    """The station check of ``hooks:`` (fasttune.prepare.resolve): every hook imports, is callable and takes its arguments."""
-    return _problems(recipe)[1]
+    """The station check of ``hooks:`` (fasttune.prepare.resolve): every hook's module can be found.
+    That it imports, is callable and takes its arguments is checked by :func:`ready`, before any weights load."""
+    malformed = {p.where for p in hook_form_problems(recipe.hooks)}  # said by fasttune.config already
+    found = (module_problem(key, spec) for key, spec in recipe.hooks.named().items() if key not in malformed)
+    return [problem for problem in found if problem is not None]
 
 
 def _callback(key: str, obj: object):

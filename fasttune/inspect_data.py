@@ -42,7 +42,7 @@ def inspect_data(recipe: Recipe, count: int = 3) -> dict:
                          "pieces": _pieces(ids, labels, tokenizer)})
     notes = [note for report_ in data.reports() for note in report_.notes]
     return {"format": data.format, "shape": made.train.shape, "rows": len(data.train),
-            "eval_rows": sum(map(len, data.eval_sets.values())) if data.eval_sets else len(data.eval),
+            "eval_rows": data.eval_rows,
             "eval_sets": {name: len(set_rows) for name, set_rows in data.eval_sets.items()},
             "source": data.source, "tokenizer": source, "notes": notes, "stats": made.stats.to_dict(), "examples": examples}
 

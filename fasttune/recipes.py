@@ -107,6 +107,16 @@ def load_merged(name_or_path: str, _seen: tuple[str, ...] = ()) -> RecipeSource:
     return RecipeSource(source.name, source.path, merged)
 
 
+def own_section(name_or_path: str, section: str) -> dict:
+    """The keys of ``section`` that the recipe file itself writes (not those of the recipes it
+    extends); empty for a recipe fasttune ships, whose settings are fasttune's, not the user's."""
+    source = find(name_or_path)
+    if source.path.resolve().parent == builtin_dir().resolve():
+        return {}
+    value = source.raw.get(section)
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def deep_merge(base: dict, top: dict) -> dict:
     """``top`` over ``base``; nested mappings merge, everything else (lists included) replaces."""
     out = dict(base)

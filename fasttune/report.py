@@ -12,7 +12,7 @@ import os
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fasttune.atomic_io import atomic_file, atomic_write_text
 
@@ -84,18 +84,19 @@ def installed_versions(packages: tuple[str, ...] = DEFAULT_VERSION_PACKAGES) -> 
     return versions
 
 
-def training_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+def training_summary(metrics: list[dict[str, Any]], eval_sets: Iterable[str] = ()) -> dict[str, Any]:
     """The ``info`` keys that ``metrics.jsonl`` records can supply, for ``write_report``.
 
     Returns any of ``steps``, ``epochs``, ``wall_time_s``, ``tokens_per_s``,
     ``final_train_loss`` (the last logged loss), ``mean_train_loss`` (the trainer's average over
     the run), ``eval_loss`` (the last evaluation) and ``eval_losses`` (named eval sets: name -> the
-    last ``eval_<name>_loss``), each only when the records hold it.
+    last ``eval_<name>_loss``), each only when the records hold it. ``eval_sets`` are the names of the
+    run's named eval sets (the keys of ``data.eval_path``; none for one eval set): see :func:`eval_set_of`.
     """
     summary: dict[str, Any] = {}
     train_losses = [r["loss"] for r in metrics if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in metrics if r.get("eval_loss") is not None]
-    per_set = {name: loss for _, name, loss in eval_set_losses(metrics)}
+    per_set = {name: loss for _, name, loss in eval_set_losses(metrics, eval_sets)}
     if per_set:
         summary["eval_losses"] = per_set
     if metrics:
@@ -124,22 +125,51 @@ def training_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def eval_set_losses(metrics: list[dict[str, Any]]) -> list[tuple[int | None, str, float]]:
-    """(step, set name, loss) of each evaluation of a named eval set, in order. A set is known by the
-    ``eval_<name>_runtime`` that transformers' Trainer logs with every evaluation of it (transformers
-    5.17, ``Trainer.evaluate`` with a dict prefixes each set's metrics ``eval_<name>_``), so a
-    compute_metrics key that happens to end in ``_loss`` is not taken for a set."""
+TRL_UNNAMED_EVAL_KEYS = ("eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")
+"""What TRL 1.14.2's ``SFTTrainer.log`` adds to every evaluation's logs without the eval set's name
+(fasttune.train.metrics_log.name_the_eval_set names them after the set)."""
+
+
+def eval_set_of(record: dict[str, Any], eval_sets: Iterable[str]) -> str:
+    """The named eval set an evaluation's logs (or a ``metrics.jsonl`` record) are of, or "" for a
+    single eval set, no known names, or a record that is not an evaluation of one of them.
+
+    ``eval_sets`` are the known names: the keys of ``data.eval_path`` (``PreparedData.eval_sets``,
+    ``trainer.eval_dataset`` when it is a dict, ``summary.json``'s ``eval_sets``). transformers 5.17's
+    ``Trainer.evaluate`` of a dict evaluates each set on its own and prefixes every key of its metrics
+    ``eval_<name>_``, so the name is read from the known names, never guessed from a key's ending (a
+    compute_metrics key ``gen_runtime`` is ``eval_easy_gen_runtime``). Each key is of the longest name
+    whose ``eval_<name>_`` prefixes it (sets ``easy`` and ``easy_gen``: ``eval_easy_gen_loss`` is
+    ``easy_gen``'s); the record is of the shortest of those, as every key of set ``easy`` starts with
+    ``eval_easy_`` while only its user metrics named ``gen_...`` would also read as ``easy_gen``'s.
+    TRL's unnamed keys (:data:`TRL_UNNAMED_EVAL_KEYS`) name no set (``eval_num_tokens`` is not of a set ``num``)."""
+    names = sorted({str(name) for name in eval_sets}, key=len, reverse=True)
+    found = []
+    for key in record:
+        if key in TRL_UNNAMED_EVAL_KEYS or not key.startswith("eval_"):
+            continue
+        name = next((name for name in names if key.startswith(f"eval_{name}_")), None)
+        if name is not None:
+            found.append(name)
+    return min(found, key=len, default="")
+
+
+def eval_set_losses(metrics: list[dict[str, Any]], eval_sets: Iterable[str] = ()) -> list[tuple[int | None, str, float]]:
+    """(step, set name, loss) of each evaluation of a named eval set, in order: the ``eval_<name>_loss`` of
+    each record :func:`eval_set_of` finds of a set among the names ``eval_sets``. Without names (a single
+    eval set, or a run that did not record them), none: a compute_metrics key ``token_loss`` of a single set
+    (``eval_token_loss``) is not taken for a set."""
     found = []
     for record in metrics:
-        for key in record:
-            name = key[len("eval_"):-len("_runtime")] if key.startswith("eval_") and key.endswith("_runtime") else ""
-            if name and record.get(f"eval_{name}_loss") is not None:
-                found.append((record.get("step"), name, record[f"eval_{name}_loss"]))
+        name = eval_set_of(record, eval_sets)
+        if name and record.get(f"eval_{name}_loss") is not None:
+            found.append((record.get("step"), name, record[f"eval_{name}_loss"]))
     return found
 
 
-def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -> Path | None:
-    """Draw training loss against step (a line) and evaluation loss (points) into ``png_path``.
+def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str], eval_sets: Iterable[str] = ()) -> Path | None:
+    """Draw training loss against step (a line) and evaluation loss (points, one series per named eval set
+    of ``eval_sets``) into ``png_path``.
 
     ``metrics`` are ``metrics.jsonl`` records. Returns the path written, or ``None`` when the
     records hold no loss at all (nothing is written then). The file is replaced atomically.
@@ -147,7 +177,7 @@ def plot_loss(metrics: list[dict[str, Any]], png_path: str | os.PathLike[str]) -
     train = [(r["step"], r["loss"]) for r in metrics if r.get("loss") is not None and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if r.get("eval_loss") is not None and "step" in r]
     per_set: dict[str, list[tuple[int, float]]] = {}
-    for step, name, loss in eval_set_losses(metrics):
+    for step, name, loss in eval_set_losses(metrics, eval_sets):
         if step is not None:
             per_set.setdefault(name, []).append((step, loss))
     if not train and not evals and not per_set:
@@ -207,13 +237,14 @@ def write_report(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
         (each field optional but ``prompt``).
     Metrics records:
         ``metrics`` (list of ``metrics.jsonl`` records, from ``read_metrics``): fills every key that
-        ``training_summary`` returns and ``info`` does not set itself.
+        ``training_summary`` returns and ``info`` does not set itself; the records' named eval sets are
+        those ``eval_sets`` names (a report rebuilt from ``summary.json`` reads them from there).
 
     The files section lists what is in ``run_dir`` when the report is written, and the loss plot
     is embedded when ``loss.png`` is there. Returns the report's path.
     """
     run_dir = Path(run_dir)
-    info = {**training_summary(info.get("metrics") or []), **info}
+    info = {**training_summary(info.get("metrics") or [], info.get("eval_sets") or ()), **info}
     sections = [
         _what_ran(info),
         _data(info),

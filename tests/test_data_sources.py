@@ -177,3 +177,32 @@ def test_the_users_files_are_never_modified(tmp_path):
 def test_builtin_cannot_be_mixed_with_files():
     with pytest.raises(UserError, match="a builtin: task cannot be combined with other sources"):
         recipe("data.path=builtin:json_extract,extra.jsonl")
+
+
+def test_the_task_metric_is_measured_on_the_datas_first_eval_set(tmp_path, monkeypatch):
+    """The task metric is measured on ``data.eval``, the data's own first eval set, and the set it names is
+    that one, not the recipe's first (a set read with no rows is not among the data's sets);
+    ``eval_rows`` counts every set's rows."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fasttune.data.rows import PreparedData
+    from fasttune.train import runner
+
+    rows = [{"text": f"row {i}"} for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    sets = [f"data.eval_path.{name}={write_jsonl(tmp_path / f'{name}.jsonl', part)}"
+            for name, part in (("easy", rows[:2]), ("hard", rows[2:]))]
+    data = read_data(recipe(f"data.path={path}", *sets, "data.max_rows=null"))
+    assert list(data.eval_sets) == ["easy", "hard"] and data.eval == rows[:2] and data.eval_rows == 5
+    resolved = recipe(f"data.path={path}", "data.eval_path.gone=gone.jsonl", *sets)  # a first set the data does not hold
+    data = PreparedData(data.train, data.eval_sets["hard"], "text", str(path), eval_sets={"hard": data.eval_sets["hard"]})
+    measured = []
+    task = SimpleNamespace(name="fake", evaluate=lambda model, tokenizer, rows, max_new_tokens: measured.append(rows) or {"score": 1.0})
+    monkeypatch.setattr(runner, "get_task", lambda name: task)
+    console = Console(record=True, width=200)
+    runner._task_eval(resolved, None, None, data, console, "before")
+    assert measured == [rows[2:]] and "(eval set hard, the first)" in console.export_text() and data.eval_rows == 3
+    single = read_data(recipe(f"data.path={path}", f"data.eval_path={tmp_path / 'easy.jsonl'}", "data.max_rows=null"))
+    assert single.eval_rows == 2 and single.eval_sets == {}

@@ -16,11 +16,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 from transformers import TrainerCallback
 
 from fasttune import config, machine, prepare
 from fasttune.cli import main
+from fasttune.errors import UserError
 from fasttune.hooks import Hooks
 from fasttune.report import read_metrics
 from fasttune.train import runner
@@ -70,7 +72,8 @@ def compute_metrics(prediction):
         mask = target[:n] != -100
         right += int((predicted[:n][mask] == target[:n][mask]).sum())
         trained += int(mask.sum())
-    return {"next_token_accuracy": right / trained, "trained_tokens": trained}
+    # gen_runtime: a key ending in _runtime, as transformers' own eval_<set>_runtime does, names no eval set
+    return {"next_token_accuracy": right / trained, "trained_tokens": trained, "gen_runtime": 0.0}
 
 
 class Recorder(TrainerCallback):
@@ -202,6 +205,23 @@ def test_the_formatting_funcs_text_is_what_is_tokenized(world, monkeypatch):
             assert row["labels"] == expected
 
 
+def test_the_dry_run_shows_the_formatting_funcs_first_row_as_it_trains(world, monkeypatch):
+    """The dry run tokenizes the first formatted row as a run does (fasttune.data.tokenize): its text and
+    EOS, every token trained, and what train.max_length keeps of it."""
+    from fasttune.dry_run import dry_run
+
+    root, model = world
+    monkeypatch.chdir(root)
+    recipe = prepare.resolve("demo", [*_base(root, model, root / "unused"), *HOOK_OVERRIDES[:1], "train.max_length=8",
+                                      "train.eval_strategy=no"])
+    prepared = prepare.prepare_elsewhere(recipe, machine.plan(recipe, machine.detect(), force_cpu=True))
+    tokenizer = prepare.inputs(prepared, str(model)).tokenizer
+    expected = tokenizer(format_row(_rows(QUESTIONS)[0]) + tokenizer.eos_token)["input_ids"]
+    (line,) = [line for line in dry_run(prepared).checked if line.startswith("hooks.formatting_func")]
+    assert line.startswith(f"hooks.formatting_func: first row -> {len(expected)} tokens, every one trained; "
+                           "train.max_length 8 keeps 8 of them (keep_start): 'Question: Capital of France?"), line
+
+
 def test_compute_metrics_and_both_eval_sets_reach_metrics_jsonl(cli_run):
     _, run_dir, _, stdout = cli_run
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -284,7 +304,7 @@ def test_python_api_hooks_are_objects(world, tmp_path):
     recorder = InMemory()
 
     def metrics(prediction):
-        return {"rows_seen": len(prediction.label_ids)}
+        return {"rows_seen": len(prediction.label_ids), "gen_runtime": 0.0}  # one eval set: no set "gen"
 
     hooks = Hooks(formatting_func=format_row, compute_metrics=metrics, callbacks=(recorder,))
     prepared = prepare.prepare(recipe, machine.plan(recipe, machine.detect(), force_cpu=True), run_dir, hooks=hooks)
@@ -300,17 +320,22 @@ def test_python_api_hooks_are_objects(world, tmp_path):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["eval_rows_seen"] for r in records if "eval_rows_seen" in r] == [3, 3]
     assert json.loads((run_dir / "summary.json").read_text())["eval_loss"] is not None  # one eval set: eval_loss as before
+    # config.yaml names the hooks it was given; a resume from the command line cannot have them, and says so.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["python_hooks"]
+    assert saved["formatting_func"].endswith(":format_row") and saved["callbacks"] == [f"{__name__}:InMemory"]
+    with pytest.raises(UserError, match="the recipe changed since this run started: python_hooks"):
+        check_unchanged(run_dir, config.resolve(str(run_dir / "config.yaml")), force=False)
 
 
 BAD = [
     (["show", "demo", "hooks.formatting_func=format_row"], ["hooks.formatting_func", "module:attribute"]),
     (["show", "demo", "hooks.compute_metrics=no_such_module:compute_metrics"], ["hooks.compute_metrics", "no_such_module",
                                                                                 "current folder"]),
-    (["show", "demo", f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrix"], ["hooks.compute_metrics", "compute_metrix",
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrix"], ["hooks.compute_metrics", "compute_metrix",
                                                                                 "did you mean `compute_metrics`?"]),
-    (["show", "demo", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:NOT_A_FUNCTION"],
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:NOT_A_FUNCTION"],
      ["hooks.preprocess_logits_for_metrics", "is a value of type int, not a function"]),
-    (["show", "demo", f"hooks.callbacks=[{HOOKS_MODULE}:Recorder, {HOOKS_MODULE}:Recordr]"], ["hooks.callbacks[1]", "did you mean `Recorder`?"]),
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.callbacks=[{HOOKS_MODULE}:Recorder, {HOOKS_MODULE}:Recordr]"], ["hooks.callbacks[1]", "did you mean `Recorder`?"]),
     (["show", "demo", "data.eval_path.bad-name=easy.jsonl"], ["data.eval_path.bad-name", "eval_<name>_loss", "bad_name"]),
     (["show", "demo", "data.eval_path.easy=easy.jsonl", "data.eval_fraction=0.1"], ["data.eval_fraction", "eval sets"]),
     (["show", "demo", f"hooks.formatting_func={HOOKS_MODULE}:format_row"], ["eval.task", "hooks.formatting_func"]),
@@ -322,13 +347,13 @@ BAD = [
      ["hooks.formatting_func", "returned a dict for train.jsonl row 1", "one string"]),
     (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_batched"],
      ["returned a list", "batched form of older TRL"]),
-    (["show", "demo", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_two"],
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_two"],
      ["hooks.formatting_func", f"{HOOKS_MODULE}:format_two", "called with one row", "missing a required argument: 'extra'"]),
-    (["show", "demo", f"hooks.compute_metrics={HOOKS_MODULE}:metrics_noarg"],
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.compute_metrics={HOOKS_MODULE}:metrics_noarg"],
      ["hooks.compute_metrics", f"{HOOKS_MODULE}:metrics_noarg", "EvalPrediction", "too many positional arguments"]),
-    (["show", "demo", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:logits_only"],
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.preprocess_logits_for_metrics={HOOKS_MODULE}:logits_only"],
      ["hooks.preprocess_logits_for_metrics", f"{HOOKS_MODULE}:logits_only", "(logits, labels)", "def logits_only(logits, labels)"]),
-    (["show", "demo", f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrics", "train.batch_eval_metrics=true"],
+    (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.compute_metrics={HOOKS_MODULE}:compute_metrics", "train.batch_eval_metrics=true"],
      ["hooks.compute_metrics", "compute_result", "train.batch_eval_metrics"]),
     (["recipe", "demo", "--dry-run", "eval.task=null", f"hooks.formatting_func={HOOKS_MODULE}:format_qa"],
      ["hooks.formatting_func", f"{HOOKS_MODULE}:format_qa", "KeyError: 'question'", "called with train.jsonl row 1",

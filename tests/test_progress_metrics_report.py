@@ -25,7 +25,7 @@ from transformers import (
 
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text
 from fasttune.report import installed_versions, plot_loss, training_summary, write_report
-from fasttune.report import read_metrics
+from fasttune.report import eval_set_of, read_metrics
 from fasttune.train.metrics_log import MetricsLog, name_the_eval_set
 from fasttune.train.progress import RichProgress, use_rich_progress
 
@@ -118,26 +118,86 @@ def test_metrics_jsonl_has_one_line_per_log(run):
     assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
 
 
-def test_named_eval_sets_are_known_by_their_runtime_key():
-    """``eval_<name>_loss`` is a set's loss only beside ``eval_<name>_runtime`` (what Trainer.evaluate logs
-    per set): a compute_metrics key ``token_loss`` of a single eval set is not taken for a set."""
-    from fasttune.train.metrics_log import eval_set_name as _eval_set
-
+def test_named_eval_sets_are_known_by_their_names():
+    """A record is of the named eval set whose ``eval_<name>_`` prefixes its keys, among the names the run
+    knows (data.eval_path's keys); a compute_metrics key ``token_loss`` of a single eval set is not a set."""
     metrics = [{"step": 1, "loss": 2.0},
                {"step": 2, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1},
                {"step": 2, "eval_hard_loss": 1.7, "eval_hard_runtime": 0.1},
                {"step": 4, "eval_easy_loss": 1.25, "eval_easy_runtime": 0.1},
                {"step": 4, "eval_loss": 1.0, "eval_token_loss": 3.0, "eval_runtime": 0.1}]
-    summary = training_summary(metrics)
+    summary = training_summary(metrics, ["easy", "hard"])
     assert summary["eval_losses"] == {"easy": 1.25, "hard": 1.7} and summary["eval_loss"] == 1.0
-    assert _eval_set(metrics[2]) == "hard" and _eval_set(metrics[4]) == ""
+    assert eval_set_of(metrics[2], ["easy", "hard"]) == "hard" and eval_set_of(metrics[4], ["easy", "hard"]) == ""
+    assert "eval_losses" not in training_summary(metrics)  # no names known (one eval set): no set is made up
+
+
+def test_a_compute_metrics_key_ending_in_runtime_names_no_eval_set(tmp_path):
+    """A user metric ``gen_runtime`` is logged ``eval_gen_runtime`` (one set) or ``eval_easy_gen_runtime``
+    (set easy): neither is a set named ``gen`` or ``easy_gen``, in metrics.jsonl, the summary or on screen."""
+    state = TrainerState(global_step=2, max_steps=2, epoch=1.0, is_world_process_zero=True)
+    single = {"eval_gen_runtime": 0.5, "eval_loss": 1.0, "eval_runtime": 0.1, "eval_entropy": 9.0}
+    easy = {"eval_easy_gen_runtime": 0.5, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_entropy": 10.5}
+    MetricsLog(tmp_path).on_log(None, state, None, logs=dict(single))
+    (one,) = read_metrics(tmp_path)
+    assert {k: v for k, v in one.items() if k.startswith("eval_")} == single  # eval_loss stays eval_loss
+    MetricsLog(tmp_path / "named.jsonl", ["easy", "hard"]).on_log(None, state, None, logs=dict(easy))
+    (named,) = read_metrics(tmp_path / "named.jsonl")
+    assert {k: v for k, v in named.items() if k.startswith("eval_")} == {
+        "eval_easy_gen_runtime": 0.5, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_easy_entropy": 10.5}
+    assert training_summary([one]) == {"steps": 2, "epochs": 1.0, "eval_loss": 1.0}
+    assert training_summary([named], ["easy", "hard"])["eval_losses"] == {"easy": 1.5}
+    console, buffer = _console()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    for names, logs in (((), single), (("easy", "hard"), easy)):
+        progress = RichProgress(console=console, eval_sets=names)
+        progress.on_train_begin(args, state, None)
+        progress.on_log(args, state, None, logs=dict(logs))
+    one_line, named_line = [line for line in buffer.getvalue().splitlines() if line.startswith("eval")]
+    assert one_line.startswith("eval  step 2/2") and "  loss 1  " in one_line and "  gen_runtime 0.5" in one_line
+    assert named_line.startswith("eval easy  step 2/2") and "  entropy 10.5" in named_line and "  gen_runtime 0.5" in named_line
+
+
+def test_the_eval_set_of_a_record_among_names_that_nest():
+    """Sets ``easy`` and ``easy_gen``: ``eval_easy_gen_loss`` is easy_gen's, and set easy's user metric ``gen_loss``
+    (``eval_easy_gen_loss`` beside ``eval_easy_loss``) leaves its record easy's; TRL's unnamed ``eval_num_tokens``
+    is no set ``num``'s."""
+    names = ["easy", "easy_gen", "num"]
+    assert eval_set_of({"eval_easy_gen_loss": 1.0, "eval_easy_gen_runtime": 0.1, "eval_num_tokens": 5}, names) == "easy_gen"
+    assert eval_set_of({"eval_easy_gen_loss": 9.0, "eval_easy_loss": 1.0, "eval_easy_runtime": 0.1}, names) == "easy"
+    assert eval_set_of({"eval_num_tokens": 5, "eval_easy_loss": 1.0}, names) == "easy"
+    assert eval_set_of({"eval_num_loss": 2.0, "eval_num_tokens": 5}, names) == "num"
+    assert eval_set_of({"loss": 1.0, "eval_runtime": 0.1}, names) == "" and eval_set_of({"eval_easy_loss": 1.0}, []) == ""
+
+
+def test_use_rich_progress_knows_the_sets_of_a_dict_of_eval_datasets():
+    from types import SimpleNamespace
+
+    added = []
+    trainer = SimpleNamespace(pop_callback=lambda callback: None, add_callback=added.append,
+                              eval_dataset={"easy": [1], "hard": [2]})
+    assert use_rich_progress(trainer, Console(file=io.StringIO())).eval_sets == ("easy", "hard") and len(added) == 1
+    trainer.eval_dataset = [1, 2]
+    assert use_rich_progress(trainer, Console(file=io.StringIO())).eval_sets == ()
+
+
+def test_a_report_rebuilt_from_summary_json_knows_its_eval_sets(tmp_path):
+    """cli's report rebuild passes summary.json as it is: its ``eval_sets`` name the sets of its metrics
+    records; a summary without them (an older run, or one eval set) still renders."""
+    metrics = [{"step": 2, "eval_easy_gen_loss": 9.0, "eval_easy_gen_runtime": 0.5, "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1},
+               {"step": 2, "eval_hard_loss": 1.75, "eval_hard_runtime": 0.1}]
+    summary = json.loads(json.dumps({"recipe": "demo", "eval_sets": {"easy": 3, "hard": 2}, "metrics": metrics}))
+    text = write_report(tmp_path, summary).read_text()
+    assert "| eval loss (easy) | 1.5 |" in text and "| eval loss (hard) | 1.75 |" in text and "easy_gen" not in text
+    old = write_report(tmp_path, {"recipe": "demo", "metrics": metrics, "eval_losses": {"easy": 1.5}}).read_text()
+    assert "| eval loss (easy) | 1.5 |" in old and "(hard)" not in old
 
 
 def test_trls_eval_metrics_are_named_after_the_eval_set_in_metrics_jsonl_and_on_screen(tmp_path):
     """TRL 1.14.2 adds eval_entropy, eval_mean_token_accuracy and eval_num_tokens to each named set's
     evaluation without the set's name: metrics.jsonl names them after the set, and the display shows
     them without eval_, as for a single set."""
-    log = MetricsLog(tmp_path)
+    log = MetricsLog(tmp_path, ["easy", "hard"])
     state = TrainerState(global_step=2, max_steps=2, epoch=1.0, is_world_process_zero=True)
     easy = {"eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_easy_score": 7.0, "eval_entropy": 10.5,
             "eval_mean_token_accuracy": 0.25, "eval_num_tokens": 96.0, "epoch": 1.0}
@@ -149,10 +209,10 @@ def test_trls_eval_metrics_are_named_after_the_eval_set_in_metrics_jsonl_and_on_
         "eval_easy_loss": 1.5, "eval_easy_runtime": 0.1, "eval_easy_score": 7.0, "eval_easy_entropy": 10.5,
         "eval_easy_mean_token_accuracy": 0.25, "eval_easy_num_tokens": 96.0}
     assert {k: v for k, v in one.items() if k.startswith("eval_")} == single  # one set: as the trainer named them
-    clash = name_the_eval_set({"eval_easy_runtime": 0.1, "eval_easy_entropy": 7.0, "eval_entropy": 10.5})
+    clash = name_the_eval_set({"eval_easy_runtime": 0.1, "eval_easy_entropy": 7.0, "eval_entropy": 10.5}, ["easy"])
     assert clash == {"eval_easy_runtime": 0.1, "eval_easy_entropy": 7.0, "eval_entropy": 10.5}  # the user's own key is kept
     console, buffer = _console()
-    progress = RichProgress(console=console)
+    progress = RichProgress(console=console, eval_sets=["easy", "hard"])
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
     progress.on_train_begin(args, state, None)
     progress.on_log(args, state, None, logs=dict(easy))

@@ -207,3 +207,30 @@ def test_cpu_runs_drop_16_bit_flags_and_say_so(tmp_path):
     bound = bind(recipe, cpu_plan, tmp_path)
     assert bound.sft.use_cpu and not bound.sft.bf16
     assert any("train.bf16=true does not apply on the CPU" in note for note in bound.notes)
+
+
+def test_a_best_model_metric_with_named_eval_sets_must_name_a_sets_metric():
+    """Named eval sets log eval_<name>_loss and no eval_loss, transformers' default metric_for_best_model:
+    load_best_model_at_end (or a plateau scheduler) without a set's metric is refused when the recipe resolves,
+    not at the run's first save."""
+    from fasttune.errors import UserError
+
+    sets = ["data.path=train.jsonl", "data.eval_path.easy=easy.jsonl", "data.eval_path.hard=hard.jsonl",
+            "train.eval_strategy=steps", "train.save_strategy=steps"]
+    for extra, where, needle in (
+        (["train.load_best_model_at_end=true"], "train.load_best_model_at_end", "eval_easy_loss, eval_hard_loss"),
+        (["train.lr_scheduler_type=reduce_lr_on_plateau"], "train.lr_scheduler_type", "first evaluation"),
+        (["train.load_best_model_at_end=true", "train.metric_for_best_model=loss"], "train.metric_for_best_model", "eval_loss"),
+        (["train.metric_for_best_model=eval_medium_loss"], "train.metric_for_best_model", "eval_medium_loss"),
+    ):
+        with pytest.raises(UserError) as caught:
+            config.resolve("demo", [*sets, *extra])
+        (problem,) = [p for p in caught.value.problems if p.where.startswith("train.")]
+        assert problem.where == where and needle in problem.render(), problem.render()
+        assert "e.g. eval_easy_loss" in problem.fix or "=eval_easy_loss" in problem.fix
+    for metric in ("eval_hard_loss", "easy_loss", "eval_easy_next_token_accuracy"):
+        recipe = config.resolve("demo", [*sets, "train.load_best_model_at_end=true", f"train.metric_for_best_model={metric}"])
+        assert recipe.train["metric_for_best_model"] == metric
+    one = config.resolve("demo", ["data.path=train.jsonl", "data.eval_path=easy.jsonl", "train.eval_strategy=steps",
+                                  "train.save_strategy=steps", "train.load_best_model_at_end=true"])
+    assert one.train["load_best_model_at_end"] is True  # one eval set logs eval_loss: as before

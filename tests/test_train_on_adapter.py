@@ -77,6 +77,7 @@ def test_learning_rate_zero_saves_the_adapter_it_started_from(first):
     assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (16, 32, ["q_proj", "v_proj"])
     assert "model.adapter:" not in out.stdout  # same base: no note
     assert "adapter training on from " + str(start) in out.stdout
+    assert "train.learning_rate=0: no weight will change" in out.stdout
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["adapter"] == str(start)  # absolute
     assert f"| trained on from | `{start}` |" in (run / "report.md").read_text()
     # The run's own adapter/ is what is exported: the one it started from is not needed any more.
@@ -189,3 +190,26 @@ def test_a_run_from_an_adapter_resumes_from_its_checkpoint_to_the_same_adapter(f
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert len([r for r in rows if "train_runtime" in r]) == 1
+
+
+def test_a_shipped_recipes_lora_settings_give_way_to_the_adapters_and_the_users_own_are_checked(first, tmp_path):
+    """demo ships r 16, alpha 32: an adapter of r 8 takes its own; a user's recipe file that says
+    r 4 contradicts it, as the command line does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root, base, data, _ = first
+    peft_folder = tmp_path / "r8"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_dropout=0.1))
+    model.save_pretrained(peft_folder)
+    args = [*common(base, data, tmp_path / "x"), f"model.adapter={peft_folder}"]
+    recipe = prepare.resolve("demo", args)
+    assert (recipe.lora["r"], recipe.lora["lora_alpha"], recipe.lora["lora_dropout"]) == (8, 8, 0.1)
+    assert sorted(recipe.lora["target_modules"]) == ["o_proj", "q_proj"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: demo\nlora:\n  r: 4\n")
+    with pytest.raises(UserError) as caught:
+        prepare.resolve(str(mine), args)
+    found = [p.render() for p in caught.value.problems]
+    assert len(found) == 1 and "lora.r = 4: contradicts the adapter, whose adapter_config.json says 8" in found[0]

@@ -45,6 +45,11 @@ class PreparedData:
     eval_reports: dict[str, DataReport] = field(default_factory=dict)
     """The DataReport of each named eval set."""
 
+    @property
+    def eval_rows(self) -> int:
+        """Held-out rows in all: every named eval set's, or the one eval set's."""
+        return sum(map(len, self.eval_sets.values())) if self.eval_sets else len(self.eval)
+
     def eval_summary(self) -> str:
         """``12 eval rows``, or ``eval sets easy 6, hard 6 rows``: for the verbs' one-line summaries."""
         if self.eval_sets:

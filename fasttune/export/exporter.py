@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from fasttune.atomic_io import atomic_replace_dir, atomic_write_text, temp_dir_beside
-from fasttune.config import Recipe
+from fasttune.config import Recipe, eval_sets
 from fasttune.disk import gib, require_free
 from fasttune.errors import Problem, UserError
 from fasttune.export.merge import local_model_dir, merge_adapter
@@ -91,7 +91,7 @@ def export_run(run_dir: Path, recipe: Recipe, request: ExportRequest, console, t
         written.append(atomic_replace_dir(tmp, out / "adapter"))
     if need_merge:
         if card_info is None and (run_dir / "metrics.jsonl").is_file():
-            card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"))
+            card_info = training_summary(read_metrics(run_dir / "metrics.jsonl"), eval_sets(recipe.data.eval_path))
         console.print(f"[bold]merge[/] adapter -> {escape(str(model_dir))}/ (16-bit, shard by shard)")
         result = merge_adapter(source, trained, model_dir, tokenizer, save_dtype=request.save_dtype,
                                revision=recipe.model.revision, card=model_card(recipe, card_info))

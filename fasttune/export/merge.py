@@ -96,9 +96,11 @@ def plan_merge(config: dict, tensors: dict) -> tuple[dict[str, tuple], dict[str,
 
 
 def merge_adapter(source: str, adapter_dir: Path, out_dir: Path, tokenizer, save_dtype: str = "bfloat16",
-                  revision: str | None = None, fan_in_fan_out: bool | None = None, card: str | None = None) -> MergeResult:
+                  revision: str | None = None, fan_in_fan_out: bool | None = None, card: str | None = None,
+                  finish=None) -> MergeResult:
     """Write base + adapter merged, as ``save_dtype`` safetensors, to ``out_dir`` (atomically),
-    with the training tokenizer and, if given, ``card`` as the model card (README.md)."""
+    with the training tokenizer and, if given, ``card`` as the model card (README.md); ``finish``
+    (a function of the folder) adds the caller's last files before the folder is renamed into place."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -141,6 +143,8 @@ def merge_adapter(source: str, adapter_dir: Path, out_dir: Path, tokenizer, save
         tokenizer.save_pretrained(tmp)
         if card:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        if finish is not None:
+            finish(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -67,11 +67,12 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists() or spec.count("/") > 1
 
 
-def locate(spec: str) -> AdapterSource:
-    """The adapter ``spec`` names; a UserError saying what is wrong where it is not one."""
+def locate(spec: str, token: str | None = None, revision: str | None = None) -> AdapterSource:
+    """The adapter ``spec`` names (``revision``, ``token``: of a hub adapter); a UserError saying what
+    is wrong where it is not one."""
     if _looks_local(spec):
         return _local(spec)
-    return _from_hub(spec)
+    return _from_hub(spec, token, revision)
 
 
 def _local(spec: str) -> AdapterSource:
@@ -126,20 +127,34 @@ def _read_config(path: Path, spec: str) -> dict:
 
 
 @lru_cache(maxsize=8)
-def _from_hub(spec: str) -> AdapterSource:
+def _from_hub(spec: str, token: str | None = None, revision: str | None = None) -> AdapterSource:
     from huggingface_hub import hf_hub_download
 
     from fasttune import hub
 
     hub.use_cache_if_unreachable()
     try:
-        path = Path(hf_hub_download(spec, ADAPTER_CONFIG))
+        path = Path(hf_hub_download(spec, ADAPTER_CONFIG, revision=revision, token=token))
     except Exception as err:  # offline and not cached, private, no such repository, or no adapter in it
         reason = hub.offline_reason()
         raise UserError(Problem("model.adapter", spec, f"is no local folder, and its {ADAPTER_CONFIG} cannot be read from the "
                                 f"hub ({type(err).__name__}" + (f"; {reason}" if reason else "") + ")",
                                 _nearby(Path(spec)) or "check the path, or the hub id and your network/HF_TOKEN")) from None
+    if not _hub_has_safetensors(spec, token, revision):
+        raise UserError(Problem("model.adapter", spec, "has no adapter_model.safetensors on the hub (fasttune loads safetensors only)",
+                                "ask its author for a safetensors upload, or convert it yourself and give the local folder"))
     return AdapterSource(spec, spec, _read_config(path, spec))
+
+
+def _hub_has_safetensors(spec: str, token: str | None, revision: str | None) -> bool:
+    """Whether the hub adapter has safetensors weights (True where the hub cannot be asked: offline,
+    PEFT then loads from the cache or says itself what is missing)."""
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(spec, "adapter_model.safetensors", revision=revision, token=token)
+    except Exception:  # offline or unreachable
+        return True
 
 
 def _nearby(path: Path) -> str:
@@ -212,12 +227,14 @@ def adopt(recipe):
                                lora={**kept, **adapter.settings()})
 
 
-def attach(model, adapter: str):
-    """``model`` with the adapter at ``adapter`` (a folder or hub id) attached, trainable (PEFT)."""
+def attach(model, adapter: str, token: str | None = None, revision: str | None = None):
+    """``model`` with the adapter at ``adapter`` (a folder, or a hub id at ``revision``) attached,
+    trainable (PEFT; :func:`locate` made sure it has safetensors weights)."""
     from peft import PeftModel
 
+    hub = {key: value for key, value in (("token", token), ("revision", revision)) if value}
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True, **hub)
     except RuntimeError as err:  # "size mismatch for ...": an adapter made for another architecture or size
         first = str(err).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

@@ -11,12 +11,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from transformers import TrainerCallback
 
 from fasttune.atomic_io import atomic_write_text
-from fasttune.report import metrics_path
+from fasttune.report import eval_set_of, metrics_path
 
 
 
@@ -32,11 +32,13 @@ class MetricsLog(TrainerCallback):
     as ``null``: strict JSON has no NaN, and other tools (jq, JavaScript) must be able to read the file.
 
     ``path`` is the file when its name ends in ``.jsonl``, otherwise the run directory that
-    holds ``metrics.jsonl`` (it need not exist yet).
+    holds ``metrics.jsonl`` (it need not exist yet). ``eval_sets`` are the names of the named eval sets
+    (the keys of ``data.eval_path``, ``PreparedData.eval_sets``); none for a single eval set.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], eval_sets: Iterable[str] = ()):
         self.path = metrics_path(path)
+        self.eval_sets = tuple(eval_sets)
         self._start = time.monotonic()
         self._checked_tail = False
 
@@ -54,7 +56,7 @@ class MetricsLog(TrainerCallback):
             "time": round(time.time(), 3),
             "elapsed_s": round(time.monotonic() - self._start, 3),
         }
-        record.update({key: _plain(value) for key, value in name_the_eval_set(logs or {}).items()})
+        record.update({key: _plain(value) for key, value in name_the_eval_set(logs or {}, self.eval_sets).items()})
         self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -70,22 +72,14 @@ class MetricsLog(TrainerCallback):
             out.write(line)
 
 
-def eval_set_name(logs: dict[str, Any]) -> str:
-    """The named eval set an evaluation's logs are of (``eval_<name>_runtime``, as transformers' Trainer
-    prefixes each set of a dict of eval datasets), or "" for a single eval set or no evaluation."""
-    for key in logs:
-        if key.startswith("eval_") and key.endswith("_runtime") and key != "eval_runtime":
-            return key[len("eval_"):-len("_runtime")]
-    return ""
-
-
-def name_the_eval_set(logs: dict[str, Any]) -> dict[str, Any]:
-    """``logs`` (a copy) with the eval metrics TRL adds named after the eval set they are of. TRL 1.14.2's
-    ``SFTTrainer.log`` adds ``eval_entropy``, ``eval_mean_token_accuracy``, ``eval_num_tokens`` to every
-    evaluation's logs without the set's name that transformers gives the rest (``eval_<name>_loss``): with
-    several sets, each set's would read as every set's. They become ``eval_<name>_entropy``, ...; a key
-    of that name already there (the user's compute_metrics) is left as it is. Other logs are unchanged."""
-    name = eval_set_name(logs)
+def name_the_eval_set(logs: dict[str, Any], eval_sets: Iterable[str]) -> dict[str, Any]:
+    """``logs`` (a copy) with the eval metrics TRL adds named after the eval set they are of (one of the
+    names ``eval_sets``, :func:`fasttune.report.eval_set_of`). TRL 1.14.2's ``SFTTrainer.log`` adds
+    ``eval_entropy``, ``eval_mean_token_accuracy``, ``eval_num_tokens`` to every evaluation's logs without
+    the set's name that transformers gives the rest (``eval_<name>_loss``): with several sets, each set's
+    would read as every set's. They become ``eval_<name>_entropy``, ...; a key of that name already there
+    (the user's compute_metrics) is left as it is. Other logs, and those of a single eval set, are unchanged."""
+    name = eval_set_of(logs, eval_sets)
     if not name:
         return dict(logs)
     prefix = f"eval_{name}_"

@@ -14,7 +14,7 @@ hold it as a context manager so the live display is stopped even when training r
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from rich.console import Console
@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers import trainer as hf_trainer
 
-from fasttune.train.metrics_log import eval_set_name, name_the_eval_set
+from fasttune.report import eval_set_of
+from fasttune.train.metrics_log import name_the_eval_set
 
 # Keys that say nothing to a person watching: total_flos is a cumulative FLOP count and epoch is
 # already shown with the step.
@@ -40,11 +41,14 @@ class RichProgress(TrainerCallback):
             tokens/s comes from ``state.num_input_tokens_seen`` when the trainer counts tokens
             (``TrainingArguments(include_num_input_tokens_seen="all" | "non_padding")``), else from
             the ``num_tokens`` that TRL's ``SFTTrainer`` logs, else it is not shown.
+        eval_sets: the names of the named eval sets (``trainer.eval_dataset``'s keys when it is a dict):
+            each set's evaluation is shown as ``eval <name>``, its metrics without ``eval_<name>_``.
     """
 
-    def __init__(self, console: Console | None = None, tokens_per_step: int | None = None):
+    def __init__(self, console: Console | None = None, tokens_per_step: int | None = None, eval_sets: Iterable[str] = ()):
         self.console = console if console is not None else Console()
         self.tokens_per_step = tokens_per_step
+        self.eval_sets = tuple(eval_sets)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._reset()
@@ -116,9 +120,9 @@ class RichProgress(TrainerCallback):
             else:
                 self._print(f"step {state.global_step}/{state.max_steps}  {self._stats(state)}")
         elif any(key.startswith("eval_") for key in logs):
-            name = eval_set_name(logs)
+            name = eval_set_of(logs, self.eval_sets)
             label = f"eval {name}" if name else "eval"
-            shown = _key_values(name_the_eval_set(logs), f"eval_{name}_" if name else "eval_")  # TRL's metrics too: no eval_ left
+            shown = _key_values(name_the_eval_set(logs, self.eval_sets), f"eval_{name}_" if name else "eval_")  # TRL's metrics too: no eval_ left
             self._print(f"{label}  step {state.global_step}/{state.max_steps}  {shown}")
         elif "train_runtime" in logs:
             self._print(f"done  step {state.global_step}/{state.max_steps}  {_key_values(logs, '')}")
@@ -176,12 +180,15 @@ def use_rich_progress(
 
     The trainer adds a tqdm bar (or, with ``disable_tqdm``, a printer of raw log dicts; in
     notebooks, its notebook widget) in its constructor; two displays would fight over the
-    terminal, so those are removed.
+    terminal, so those are removed. The named eval sets are the keys of ``trainer.eval_dataset``
+    when it is a dict (what transformers' Trainer evaluates set by set).
     """
     for default in {ProgressCallback, PrinterCallback, hf_trainer.DEFAULT_PROGRESS_CALLBACK}:
         while trainer.pop_callback(default) is not None:
             pass
-    progress = RichProgress(console=console, tokens_per_step=tokens_per_step)
+    eval_dataset = getattr(trainer, "eval_dataset", None)
+    eval_sets = tuple(eval_dataset) if isinstance(eval_dataset, dict) else ()
+    progress = RichProgress(console=console, tokens_per_step=tokens_per_step, eval_sets=eval_sets)
     trainer.add_callback(progress)
     return progress
 

@@ -17,7 +17,7 @@ import yaml
 from rich.markup import escape
 
 from fasttune.atomic_io import atomic_dir, atomic_write_text
-from fasttune.config import Recipe, eval_sets
+from fasttune.config import Recipe
 from fasttune.data.rows import read_data
 from fasttune.data.tokenize import IGNORE, truncate
 from fasttune.disk import disk_full, gib, require_free
@@ -42,15 +42,33 @@ from fasttune.train.distributed import is_main, world_size
 from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
 
-def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine) -> None:
+def write_config(run_dir: Path, recipe: Recipe, plan: MachinePlan, engine, hooks=None) -> None:
     """``config.yaml``: the resolved recipe plus what ran it (written once the engine has loaded the
-    model; resume and export read it back through fasttune.run_folder.saved_config)."""
+    model; resume and export read it back through fasttune.run_folder.saved_config). Hooks a Python
+    caller gave (``hooks``, fasttune.hooks.Hooks) are named under ``python_hooks``: a resume from the
+    command line cannot have them, and says so as a change of recipe."""
     run_dir.mkdir(parents=True, exist_ok=True)
     machine = {"device": plan.device_name, "backend": plan.backend, "backend_reason": plan.backend_reason,
                "dtype": plan.dtype, "attention": plan.attention, "processes": world_size(),
                "fast_path": engine.fast_path.describe() if engine.fast_path is not None else None, "kernels": engine.kernels}
     document = {**recipe.to_dict(), "machine": machine}
+    given = python_hooks(recipe, hooks)
+    if given:
+        document["python_hooks"] = given
     atomic_write_text(run_dir / CONFIG, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+def python_hooks(recipe: Recipe, hooks) -> dict:
+    """The hooks of the run that the recipe does not name (a Python caller's objects), as ``module:function``."""
+    from fasttune.hooks import hook_name
+
+    if hooks is None:
+        return {}
+    out = {key: hook_name(getattr(hooks, key)) for key in ("formatting_func", "compute_metrics", "preprocess_logits_for_metrics")
+           if getattr(hooks, key) is not None and getattr(recipe.hooks, key) is None}
+    if hooks.callbacks and not recipe.hooks.callbacks:
+        out["callbacks"] = [hook_name(type(callback)) for callback in hooks.callbacks]
+    return out
 
 
 @dataclass
@@ -141,10 +159,10 @@ def setup(prepared: Prepared, console) -> Session:
         console.print("[yellow]slow path[/] Unsloth did not fuse every layer; see the notes above for the settings that cost it")
     task, before = None, None
     if is_main():
-        write_config(run_dir, recipe, plan, engine)
-        task, before = _task_eval(recipe, model, inputs.tokenizer, data.eval, console, "before")
+        write_config(run_dir, recipe, plan, engine, prepared.hooks)
+        task, before = _task_eval(recipe, model, inputs.tokenizer, data, console, "before")
 
-    before_trl = trainable_values(model) if configs.bnb is not None else {}
+    before_trl = trainable_values(model) if configs.bnb is not None and plan.dtype != "bfloat16" else {}
     with quiet_cross_contamination_warning(configs.sft, plan.attention):  # rows are kept apart just below
         trainer = SFTTrainer(
             model=model,
@@ -152,7 +170,7 @@ def setup(prepared: Prepared, console) -> Session:
             train_dataset=trainable_rows(inputs.train, configs.sft),
             eval_dataset=eval_dataset(inputs, configs.sft),
             processing_class=inputs.tokenizer,
-            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *hooks.callbacks],
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl", data.eval_sets), *hooks.callbacks],
             compute_metrics=hooks.compute_metrics,
             preprocess_logits_for_metrics=hooks.preprocess_logits_for_metrics,
         )
@@ -269,9 +287,9 @@ def save(session: Session) -> None:
         save_trained_weights(session)
         if session.data.eval:  # after the weights: a hook that fails here cannot cost the training
             session.final_eval = final_evaluation(trainer)
-        _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data.eval, session.console, "after")
+        _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data, session.console, "after")
         metrics = read_metrics(run_dir / "metrics.jsonl")
-        plot_loss(metrics, run_dir / "loss.png")
+        plot_loss(metrics, run_dir / "loss.png", session.data.eval_sets)
         trainable, total = count_parameters(trainer.model)
         plan, data, before, task = session.plan, session.data, session.before, session.task
         info = {
@@ -281,7 +299,7 @@ def save(session: Session) -> None:
             "fast_path": session.engine.fast_path.describe() if session.engine.fast_path is not None else None,
             "kernels": session.engine.kernels, "processes": world_size(),
             "versions": installed_versions(), "data_source": data.source, "data_format": data.format,
-            "train_rows": len(data.train), "eval_rows": sum(map(len, data.eval_sets.values())) if data.eval_sets else len(data.eval),
+            "train_rows": len(data.train), "eval_rows": data.eval_rows,
             "eval_sets": {name: len(rows) for name, rows in data.eval_sets.items()} or None,
             "trainable_params": trainable, "total_params": total, "metrics": metrics,
             "eval_loss": None if data.eval_sets else (session.final_eval or {}).get("eval_loss"),
@@ -298,7 +316,7 @@ def save(session: Session) -> None:
         if request.merged or request.gguf:
             request.save_dtype = save_dtype(plan.dtype)
             export(run_dir, recipe, request, session.console, tokenizer=session.tokenizer,
-                   card_info={**training_summary(metrics), **info})
+                   card_info={**training_summary(metrics, data.eval_sets), **info})
         write_report(run_dir, info)
 
 
@@ -326,7 +344,8 @@ def save_trained_weights(session: Session) -> Path:
     with atomic_dir(final) as tmp:
         if recipe.method == "full":
             save_16bit(trainer.model, tmp, save_dtype(session.plan.dtype))
-            card_info = {**training_summary(read_metrics(run_dir / "metrics.jsonl")), "train_rows": len(session.data.train),
+            card_info = {**training_summary(read_metrics(run_dir / "metrics.jsonl"), session.data.eval_sets),
+                         "train_rows": len(session.data.train),
                          "data_source": session.data.source, "data_format": session.data.format}
             (tmp / "README.md").write_text(model_card(recipe, card_info), encoding="utf-8")
         else:
@@ -368,12 +387,15 @@ def quiet_library_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _task_eval(recipe: Recipe, model, tokenizer, rows: list[dict], console, when: str):
+def _task_eval(recipe: Recipe, model, tokenizer, data, console, when: str):
+    """``eval.task`` measured on ``data.eval`` (fasttune.data.rows.PreparedData): with named eval sets, the
+    rows of the data's first set (a set of the recipe left with no rows is not one of them)."""
+    rows = data.eval
     if not recipe.eval.task or not rows:
         return None, None
 
     task = get_task(recipe.eval.task)
-    first = next(iter(eval_sets(recipe.data.eval_path)), None)  # named eval sets: the metric is measured on the first
+    first = next(iter(data.eval_sets), None)
     console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows"
                   + (f" (eval set {escape(first)}, the first)" if first else "") + "...")
     started = time.time()

@@ -56,16 +56,16 @@ class FastLanguageModel:
         unsloth_arguments.check(kwargs)
         load_in_4bit = load_in_4bit and not load_in_16bit
 
-        adapter = _adapter_at(model_name, token)
+        adapter = _adapter_at(model_name, token, revision)
         if adapter is not None and not adapter.base:
             raise UserError(Problem("model_name", model_name, "is a LoRA adapter whose adapter_config.json names no base model",
                                     "load the base with from_pretrained(BASE), then PeftModel.from_pretrained(model, ADAPTER)"))
-        if adapter is not None:  # `revision` names the adapter's revision in Unsloth; the base's is in its config
-            revision = adapter.config.get("revision")
+        # With an adapter, `revision` is the adapter's (as in Unsloth); the base's is in its config.
+        base_revision = adapter.config.get("revision") if adapter else revision
         source = resolve_model_source(adapter.base if adapter else model_name)
         if Path(source).expanduser().is_dir():  # absolute: the adapter's config names its base wherever the merge runs
             source = str(Path(source).expanduser().resolve())
-        model_type = _model_type(source, revision, token)
+        model_type = _model_type(source, base_revision, token)
         family = FAMILIES.get(model_type)
         facts = machine.detect()
         chosen, reason = machine.choose_backend(backend, "backend", on_gpu=facts.cuda, cuda=facts.cuda,
@@ -90,11 +90,12 @@ class FastLanguageModel:
         else:
             model, tokenizer, kernels, attention = _load_hf(
                 source, max_seq_length, dtype_name, device, load_in_4bit and not full_finetuning, token, device_map,
-                trust_remote_code, revision, attn_implementation or "sdpa", family)
+                trust_remote_code, base_revision, attn_implementation or "sdpa", family)
             engine = Engine("hf", reason, dtype_name, attention, facts.device_name, kernels=kernels,
                             dtype_reason=dtype_reason)
             if adapter is not None:
-                model, tokenizer = _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code)
+                model, tokenizer = _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code,
+                                                      token, revision)
         engine.loaded_from = tuple(str(Path(p).resolve()) for p in (source, adapter.location if adapter else None)
                                    if p and Path(p).is_dir())
         setattr(model, _ENGINE_ATTRIBUTE, engine)
@@ -163,7 +164,7 @@ class FastLanguageModel:
         return model
 
 
-def _adapter_at(model_name: str, token: str | None):
+def _adapter_at(model_name: str, token: str | None, revision: str | None):
     """The LoRA adapter ``model_name`` names (fasttune.model.trained_adapter.AdapterSource), or None
     when it names a model: a folder with adapter_config.json and no config.json, or such a hub repository."""
     folder = Path(model_name).expanduser()
@@ -176,14 +177,15 @@ def _adapter_at(model_name: str, token: str | None):
     try:
         from huggingface_hub import file_exists
 
-        if file_exists(model_name, "config.json", token=token) or not file_exists(model_name, trained_adapter.ADAPTER_CONFIG, token=token):
+        if (file_exists(model_name, "config.json", revision=revision, token=token)
+                or not file_exists(model_name, trained_adapter.ADAPTER_CONFIG, revision=revision, token=token)):
             return None
     except Exception:  # offline, private or unknown: it is read as a model below, and that error is the one said
         return None
-    return trained_adapter.locate(model_name)
+    return trained_adapter.locate(model_name, token, revision)
 
 
-def _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code):
+def _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, trust_remote_code, token, revision):
     """The adapter on the loaded base, trainable (Unsloth's ``from_pretrained(adapter)``), and the
     tokenizer saved with the adapter where there is one (the notebook saved it there)."""
     from transformers import AutoTokenizer
@@ -191,7 +193,7 @@ def _attach_adapter_hf(model, tokenizer, adapter, use_gradient_checkpointing, tr
     checkpointing = use_gradient_checkpointing in (True, "unsloth")
     model = hf.ready_for_lora(model, gradient_checkpointing=checkpointing,
                               gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
-    model = trained_adapter.attach(model, adapter.location)
+    model = trained_adapter.attach(model, adapter.location, token, revision)
     folder = Path(adapter.location)
     if folder.is_dir() and has_tokenizer_files(folder):
         max_length = tokenizer.model_max_length

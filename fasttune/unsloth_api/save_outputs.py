@@ -73,8 +73,7 @@ def merge_into_base(model, out: Path, tokenizer, dtype: str) -> Path:
         if not base:
             raise UserError(Problem("model", type(model).__name__, "its adapter does not name the base model it was "
                                     "attached to", "load the base with FastLanguageModel.from_pretrained(name)"), SAVING)
-        result = merge_adapter(base, adapter, out, tokenizer, save_dtype=dtype, revision=config.get("revision"))
-        record_save(result.path)
+        result = merge_adapter(base, adapter, out, tokenizer, save_dtype=dtype, revision=config.get("revision"), finish=record_save)
     finally:
         shutil.rmtree(adapter, ignore_errors=True)
     print(f"fasttune: merged {result.merged_modules} LoRA modules into {base} -> {result.path} ({dtype})")
@@ -134,7 +133,8 @@ def claim_folder(save_directory, loaded_from: tuple[str, ...] = ()) -> Path:
         raise UserError(Problem("save_directory", str(out), "is the folder this model was loaded from: a save replaces "
                                 "the whole folder, and the model would lose its own weights", "give a new folder"), SAVING)
     entries = sorted(out.iterdir()) if out.is_dir() else []
-    foreign = [e for e in entries if e.name != SAVE_RECORD and e.name not in _recorded(out)]
+    recorded = _recorded(out)
+    foreign = [e for e in entries if e.name != SAVE_RECORD and e.name not in recorded]
     if foreign:
         shown = ", ".join(e.name + "/" * e.is_dir() for e in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise UserError(Problem("save_directory", str(out), f"holds {shown}, which no fasttune save wrote; a save replaces "

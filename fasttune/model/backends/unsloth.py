@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from fasttune.errors import UserError
+from fasttune.errors import Problem, UserError
 from fasttune.model import trained_adapter
 from fasttune.model.fast_path import FastPathReport, capture_summary, report_from_messages
 from fasttune.model.local_model import model_target_problem
@@ -61,11 +61,18 @@ def attach_trained_adapter(model, adapter: str, *, use_gradient_checkpointing) -
     from unsloth import FastLanguageModel
 
     model = trained_adapter.attach(model, adapter)
+    if on_cpu_fallback():
+        return model, report_from_messages([], True)
     patch = getattr(FastLanguageModel, "patch_peft_model", None)
+    if patch is None:  # an Unsloth that renamed it: say so rather than train on stock PEFT unannounced
+        import unsloth
+
+        raise UserError(Problem("model.backend", "unsloth", f"Unsloth {getattr(unsloth, '__version__', '?')} has no "
+                                "FastLanguageModel.patch_peft_model, which fasttune calls to fuse an existing adapter",
+                                "use model.backend=hf, or the Unsloth version fasttune is tested with (constraints.txt)"))
     with capture_summary() as messages:
-        if patch is not None:
-            model = patch(model, use_gradient_checkpointing)
-    return model, report_from_messages(messages, on_cpu_fallback())
+        model = patch(model, use_gradient_checkpointing)
+    return model, report_from_messages(messages, False)
 
 
 def load(source: str, recipe, plan, configs):
