@@ -3,7 +3,8 @@
 Two CPU processes over gloo (the launchers' ``--nproc_per_node 2`` / ``--multi_gpu
 --num_processes 2``; ``accelerate launch --cpu`` would silently run one). Checked: both
 processes train (each takes half of every global batch), they agree on one run directory, only
-rank 0 writes, and the adapter equals the one a single process trains with the same global batch.
+rank 0 writes, the adapter equals the one a single process trains with the same global batch, and
+the evaluation after training runs in both processes (each takes half of the eval rows).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fixtures.real_tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
-ROWS, STEPS = 24, 3
+ROWS, EVAL, STEPS = 24, 6, 3
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def files(tmp_path_factory):
 
 
 def recipe(model: Path, data: Path, batch: int) -> list[str]:
-    return ["-m", "fasttune", "recipe", "demo", f"model.name={model}", f"data.path={data}", "eval.task=null",
+    return ["-m", "fasttune", "recipe", "demo", f"model.name={model}", f"data.path={data}", f"data.eval_fraction={EVAL / ROWS}", "eval.task=null",
             "export.merged=false", f"train.max_steps={STEPS}", f"train.per_device_train_batch_size={batch}",
             "train.logging_steps=1", "train.warmup_steps=0", "train.save_steps=2"]
 
@@ -71,8 +72,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(files, single, 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3]  # each step logged once: only rank 0 writes
-    # Two processes x 2 rows = 4 rows per step: an epoch of 24 rows takes 6 steps, as with one process x 4.
-    assert records[0]["epoch"] == pytest.approx(4 / ROWS)
+    # Two processes x 2 rows = 4 rows per step: an epoch of 18 rows takes 5 steps (9 each, 2 at a time),
+    # as with one process x 4; a process that took every row itself would need 9.
+    assert records[0]["epoch"] == pytest.approx(1 / 5)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["machine"]["processes"] == 2
     assert "| processes | 2 |" in (run_dir / "report.md").read_text()
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
@@ -83,3 +85,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(files, single, 
     assert any(t.abs().sum() > 0 for name, t in ddp.items() if "lora_B" in name)
     for name in ddp:  # DDP averages the two halves' gradients: the same update as one process on the whole batch
         torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    # The final evaluation ran in both processes (one alone would wait for the other forever): the
+    # loss of the same 6 rows, averaged per process batch (3 rows each) rather than over one batch of 6.
+    ddp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, single))
+    assert ddp_summary["eval_rows"] == one_summary["eval_rows"] == EVAL
+    assert ddp_summary["eval_loss"] == pytest.approx(one_summary["eval_loss"], rel=0.05)

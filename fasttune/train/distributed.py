@@ -26,12 +26,29 @@ def is_main() -> bool:
 def start(cpu: bool) -> None:
     """Join the process group now (gloo on the CPU, NCCL on GPUs), before the run directory is chosen.
 
-    A no-op for a single process. The Trainer later reuses this same accelerate state.
+    A no-op for a single process. The Trainer later reuses this same accelerate state. The
+    group is left again when the process exits, whichever way it does (``leave``).
     """
     if world_size() > 1:
+        import atexit
+
         from accelerate import PartialState
 
         PartialState(cpu=cpu)
+        atexit.register(leave)
+
+
+def leave() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    A process that exits with the group alive can abort in gloo's worker threads during
+    interpreter teardown (SIGABRT, "terminate called without an active exception"); the launcher
+    then takes the whole run as failed and stops rank 0, perhaps in the middle of its writes.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree_on(run_dir: Path) -> Path:

@@ -281,12 +281,15 @@ def save(session: Session) -> None:
     from fasttune.train.resume import terminate_raises_interrupt
 
     recipe, run_dir, trainer = session.recipe, session.run_dir, session.trainer
-    if not is_main():  # rank 0 writes for every process of a data-parallel run
-        return
     with terminate_raises_interrupt():
-        save_trained_weights(session)
-        if session.data.eval:  # after the weights: a hook that fails here cannot cost the training
+        if is_main():  # rank 0 writes for every process of a data-parallel run
+            save_trained_weights(session)
+        # After the weights: a hook that fails here cannot cost the training. In every process: the
+        # evaluation shares the eval rows out over them and gathers the losses, as during training.
+        if session.data.eval:
             session.final_eval = final_evaluation(trainer)
+        if not is_main():
+            return
         _, after = _task_eval(recipe, trainer.model, session.tokenizer, session.data, session.console, "after")
         metrics = read_metrics(run_dir / "metrics.jsonl")
         plot_loss(metrics, run_dir / "loss.png", session.data.eval_sets)
