@@ -242,6 +242,8 @@ def _print_done(recipe, run_dir: Path, console) -> None:
     made = [name for name in ("report.md", "adapter/", "model/", "merged/", "gguf/", "metrics.jsonl", "loss.png")
             if (run_dir / name.rstrip("/")).exists()]
     console.print(f"[bold green]done[/] everything is in {escape(str(run_dir))}/ ({', '.join(made)})")
+    console.print(f"    talk to it: python -m fasttune chat {escape(str(run_dir))}" + ("  (--compare: the base model's answer too)"
+                                                                                   if recipe.method != "full" else ""))
     if (run_dir / "gguf" / "Modelfile").is_file():
         console.print(f"    run it with Ollama: ollama create {escape(recipe.name)} -f {escape(str(run_dir / 'gguf' / 'Modelfile'))}")
 
@@ -347,6 +349,88 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def _sampling(args):
+    """The generation settings of ``chat`` and ``generate``, checked."""
+    from fasttune.inference.generation import Sampling
+
+    rules = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1, "a whole number >= 1"),
+             ("--temperature", args.temperature, args.temperature >= 0, "0 (greedy) or more"),
+             ("--top-p", args.top_p, 0 < args.top_p <= 1, "more than 0 and at most 1"))
+    problems = [Problem(flag, value, f"must be {rule}", f"e.g. {flag} {default}")
+                for (flag, value, ok, rule), default in zip(rules, (256, 0.7, 0.9)) if not ok]
+    if problems:
+        raise UserError(problems)
+    return Sampling(args.max_new_tokens or 256, args.temperature, args.top_p, args.seed)
+
+
+def cmd_chat(args) -> int:
+    from fasttune.inference import chat, loading
+    from fasttune.inference.generation import Prompt, answer_all
+
+    sampling = _sampling(args)
+    target = loading.locate(args.target, merged=args.merged)
+    if args.compare and not target.kind == "adapter":
+        raise UserError(Problem("--compare", args.target, f"needs a run with an adapter (this is a {target.kind} model): the base "
+                                "model is the same weights with the adapter switched off", "drop --compare, or give a LoRA/QLoRA run folder"))
+    one_shot = args.prompt is not None or not sys.stdin.isatty()
+    text = args.prompt if args.prompt is not None else sys.stdin.read().strip() if one_shot else None
+    if one_shot and not text:
+        raise UserError(Problem("--prompt", text, "is empty: there is nothing to answer", "give the message: --prompt 'Hello'")
+                        if args.prompt is not None else
+                        Problem("stdin", "", "is not a terminal and held no message (a chat needs a terminal)",
+                                "give --prompt TEXT, pipe a message in (echo 'Hello' | python -m fasttune chat RUN), or run in a terminal"))
+    loaded = loading.load(target, force_cpu=args.cpu)
+    loaded.check_answer_length(sampling.max_new_tokens)
+    print(f"fasttune chat: {loaded.describe()}", file=sys.stderr, flush=True)
+    system = args.system if args.system is not None else loading.system_prompt(target)
+    session = chat.Chat(loaded, sampling, system or None, compare=args.compare)
+    if not one_shot:
+        return chat.interactive(session)
+    prompt = Prompt(messages=tuple(session.conversation.messages([{"role": "user", "content": text}])))
+    for label, adapter in ((("base:  ", False), ("tuned: ", True)) if args.compare else (("", True),)):
+        answer = answer_all(loaded.model, loaded.tokenizer, [prompt], sampling, loaded.stops, adapter=adapter)[0]
+        sys.stdout.write(f"{label}{answer.strip()}\n")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from fasttune.inference import answers_file, loading
+
+    sampling = _sampling(args)
+    if args.batch_size < 1:
+        raise UserError(Problem("--batch-size", args.batch_size, "must be 1 or more", "e.g. --batch-size 16"))
+    target = loading.locate(args.target, merged=args.merged)
+    if args.max_new_tokens is None and target.recipe is not None:  # as the run's own evaluation answered
+        from dataclasses import replace
+
+        sampling = replace(sampling, max_new_tokens=target.recipe.eval.max_new_tokens)
+    rows = answers_file.read(target, args.data)
+    out = Path(args.out) if args.out else answers_file.default_out(target, args.data)
+    from fasttune.output_paths import file_problem
+
+    problem = file_problem(out, "--out", "give a file path in a folder you can write, e.g. --out answers.jsonl")
+    if problem is None and out.exists() and not args.force:
+        problem = Problem("--out", str(out), "already exists; fasttune never overwrites a file unasked", "give another --out FILE, or add --force")
+    if problem is not None:
+        raise UserError(problem)
+    loaded = loading.load(target, force_cpu=args.cpu)
+    loaded.check_answer_length(sampling.max_new_tokens)
+    console = _console()
+    console.print(f"[bold]generate[/] {loaded.describe()}")
+    answers_file.write_answers(loaded, rows, out, sampling, console, args.batch_size)
+    return 0
+
+
+def _generation_options(p, max_new_tokens: str) -> None:
+    p.add_argument("target", metavar="RUN_DIR|MODEL", help="a run folder (runs/<recipe>-<time>), a model folder or a hub id")
+    p.add_argument("--merged", action="store_true", help="a run's merged/ model instead of its adapter on the base")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help=f"answer length at most (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy, the same answer every time (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling, with --temperature above 0 (default 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling")
+    p.add_argument("--cpu", action="store_true", help="force the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune a chat model on one GPU (or the CPU demo) from a named recipe.",
                                      epilog="Start with: python -m fasttune recipes   |   python -m fasttune recipe demo")
@@ -385,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GGUF types, comma-separated: {', '.join(GGUF_TYPES)} (alone: q8_0)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("chat", help="talk to a trained model (streamed, multi-turn, its training chat template)")
+    _generation_options(p, "256")
+    p.add_argument("--system", metavar="TEXT", help="the system prompt (default: the run's own, if its rows had one)")
+    p.add_argument("--compare", action="store_true", help="each answer from the base model, then from the fine-tuned one")
+    p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and print only the answer (also: a message on stdin)")
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("generate", help="answer every row of a data file (batched), as JSONL: prompt, reference, answer")
+    _generation_options(p, "the run's eval.max_new_tokens, else 256")
+    p.add_argument("--data", metavar="FILE", help="rows in any shape fasttune reads (default: the run's held-out rows)")
+    p.add_argument("--out", metavar="FILE", help="where to write (default: RUN_DIR/answers-<data name>.jsonl)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows answered together at most (default 64; "
+                   "fewer when they would pass 8,192 tokens)")
+    p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("bench", help="the same training work through fasttune and vanilla PEFT: tokens/s and peak memory")
     p.add_argument("recipe", metavar="RECIPE|FILE")

@@ -199,8 +199,11 @@ def test_the_task_metric_is_measured_on_the_datas_first_eval_set(tmp_path, monke
     resolved = recipe(f"data.path={path}", "data.eval_path.gone=gone.jsonl", *sets)  # a first set the data does not hold
     data = PreparedData(data.train, data.eval_sets["hard"], "text", str(path), eval_sets={"hard": data.eval_sets["hard"]})
     measured = []
-    task = SimpleNamespace(name="fake", evaluate=lambda model, tokenizer, rows, max_new_tokens: measured.append(rows) or {"score": 1.0})
+    task = SimpleNamespace(name="fake")
     monkeypatch.setattr(runner, "get_task", lambda name: task)
+    monkeypatch.setattr(runner, "training_template", lambda tokenizer, recipe: SimpleNamespace(stop=()))
+    monkeypatch.setattr(runner, "evaluate_task", lambda task, model, tokenizer, rows, max_new_tokens, stops:
+                        measured.append(rows) or {"metrics": {"score": 1.0}, "samples": []})
     console = Console(record=True, width=200)
     runner._task_eval(resolved, None, None, data, console, "before")
     assert measured == [rows[2:]] and "(eval set hard, the first)" in console.export_text() and data.eval_rows == 3

@@ -30,8 +30,9 @@ class BadRow(ValueError):
         self.fix = f"{fix}, {SKIP_HINT}"
 
 
-def detect_shape(columns: typing.Iterable[str]) -> typing.Optional[str]:
-    """The format name for a row's keys, or ``None`` when no known shape fits."""
+def detect_shape(columns: typing.Iterable[str], needs_answer: bool = True) -> typing.Optional[str]:
+    """The format name for a row's keys, or ``None`` when no known shape fits. ``needs_answer=False``
+    (rows to answer, not to train on): ``prompt`` alone and ``instruction`` alone fit too."""
     columns = set(columns)
     if "messages" in columns:
         return "messages"
@@ -43,12 +44,14 @@ def detect_shape(columns: typing.Iterable[str]) -> typing.Optional[str]:
         return "prompt_completion"
     if "text" in columns:
         return "text"
+    if not needs_answer:
+        return "prompt_completion" if "prompt" in columns else "alpaca" if "instruction" in columns else None
     return None
 
 
-def detect(columns: typing.Iterable[str], source: str = "data") -> str:
+def detect(columns: typing.Iterable[str], source: str = "data", needs_answer: bool = True) -> str:
     """The format name for a row's keys; ``UserError`` when no known shape fits."""
-    fmt = detect_shape(columns)
+    fmt = detect_shape(columns, needs_answer)
     if fmt is None:
         raise UserError(Problem(source, sorted(columns), f"rows need the columns of one of: {SHAPES}",
                                 "rename the columns, describe them with data.mapping, or set data.format"))
@@ -83,13 +86,14 @@ def _from_sharegpt(row: dict) -> list[dict]:
     return out
 
 
-def _from_alpaca(row: dict) -> list[dict]:
-    instruction, output = _text(row, "instruction"), _text(row, "output")
+def _from_alpaca(row: dict, needs_answer: bool = True) -> list[dict]:
+    instruction = _text(row, "instruction")
+    output = _text(row, "output") if needs_answer or row.get("output") is not None else None
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
         raise BadRow("field `input` is not text", "make `input` a string (or leave it out) in those rows")
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return [{"role": "user", "content": prompt}, *([{"role": "assistant", "content": output}] if output is not None else [])]
 
 
 def _check_messages(messages: object, key: str = "messages", needs_assistant: bool = True) -> list[dict]:
@@ -119,15 +123,21 @@ def _with_system(messages: list[dict], system_prompt: typing.Optional[str]) -> l
     return messages
 
 
-def convert(row: dict, fmt: str, system_prompt: typing.Optional[str] = None) -> dict:
-    """One row in TRL's shape; :class:`BadRow` says what is wrong with it."""
+def convert(row: dict, fmt: str, system_prompt: typing.Optional[str] = None, needs_answer: bool = True) -> dict:
+    """One row in TRL's shape; :class:`BadRow` says what is wrong with it. ``needs_answer=False``: rows
+    to answer (``generate``), whose assistant turn or completion may be missing."""
     if fmt in ("messages", "sharegpt", "alpaca"):
-        raw = row.get("messages") if fmt == "messages" else _from_sharegpt(row) if fmt == "sharegpt" else _from_alpaca(row)
+        raw = (row.get("messages") if fmt == "messages" else _from_sharegpt(row) if fmt == "sharegpt"
+               else _from_alpaca(row, needs_answer))
         if fmt == "messages" and "messages" not in row:
             raise BadRow("field `messages` is missing", "add `messages` to those rows")
-        return {"messages": _with_system(_check_messages(raw), system_prompt)}
+        return {"messages": _with_system(_check_messages(raw, needs_assistant=needs_answer), system_prompt)}
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
+        if completion is None and not needs_answer:
+            if isinstance(prompt, list):
+                return {"prompt": _with_system(_check_messages(prompt, "prompt", needs_assistant=False), system_prompt)}
+            return {"prompt": _text(row, "prompt")}
         if isinstance(prompt, list) or isinstance(completion, list):
             if not (isinstance(prompt, list) and isinstance(completion, list)):
                 raise BadRow("`prompt` and `completion` are not both lists of messages",

@@ -114,13 +114,14 @@ def _with_eval_sets(rows: list[dict], report: DataReport, paths: list[str], name
 
 def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = None,
               key: str = "data.path", formatting_func: typing.Optional[typing.Callable[[dict], str]] = None,
-              ) -> tuple[list[dict], DataReport]:
+              needs_answer: bool = True) -> tuple[list[dict], DataReport]:
     """Every usable row of ``paths`` in TRL's shape, and what happened to the others.
 
     ``fmt`` forces a shape (the train data's, for eval_path); else ``data.format``, where
     ``auto`` detects it per source and requires the sources to agree. ``key`` is the recipe key
     that named ``paths`` (``data.path`` or ``data.eval_path``), for the messages. A
     ``formatting_func`` makes each row as read a ``text`` row (no mapping, no detection).
+    ``needs_answer=False``: rows to answer (``generate``), which need no assistant turn or completion.
     """
     templates = {}
     if data.mapping:
@@ -141,7 +142,7 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
             # "Applying the formatting function explicitly converts the dataset into a language modeling type" (trl 1.14.2)
             shape = "text"
         else:
-            shape = forced or detect(output_columns(templates) if templates else rows[0], f"{path} row 1 columns")
+            shape = forced or detect(output_columns(templates) if templates else rows[0], f"{path} row 1 columns", needs_answer)
         shapes[path] = shape
         report.add_file(path)
         for number, row in enumerate(rows, start=1):
@@ -150,7 +151,7 @@ def read_rows(paths: list[str], data: DataSection, fmt: typing.Optional[str] = N
             try:
                 if formatting_func is not None:
                     row = {"text": formatted(formatting_func, row, f"{path} row {number}")}
-                out.append(convert(map_row(row, templates) if templates else row, shape, data.system_prompt))
+                out.append(convert(map_row(row, templates) if templates else row, shape, data.system_prompt, needs_answer))
             except BadRow as bad:
                 report.drop(bad.kind, report.rows_read, bad.fix)
     if len(set(shapes.values())) > 1:

@@ -22,10 +22,9 @@ from fasttune.export.merge import local_model_dir, merge_adapter
 from fasttune.export.model_card import model_card
 from fasttune.export.modelfile import ollama_template, write_modelfile
 from fasttune.export.refusals import ExportRefused, system_prompt_problem
-from fasttune.families.chat_templates import TEMPLATES
 from fasttune.gguf_types import BITS_PER_WEIGHT
 from fasttune.model.source import resolve_model_source
-from fasttune.model.tokenizer import choose_template
+from fasttune.model.tokenizer import training_template
 from fasttune.output_paths import folder_problem
 from fasttune.report import read_metrics, training_summary
 
@@ -173,14 +172,6 @@ def _write_gguf(merged_dir: Path, gguf_dir: Path, recipe: Recipe, gguf_type: str
     except ValueError as err:
         raise UserError(system_prompt_problem(system, err)) from None
     return [result.path, modelfile]
-
-
-def training_template(tokenizer, recipe: Recipe):
-    """The ChatTemplate the adapter's tokenizer carries (fasttune saved the training template there)."""
-    for template in TEMPLATES.values():
-        if template.source() == tokenizer.chat_template:
-            return template
-    return choose_template(tokenizer.chat_template, recipe, tokenizer.get_vocab()).template
 
 
 def parameter_count(source: str) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fasttune.config import Recipe
 from fasttune.errors import Problem, UserError
 from fasttune.families import get_family
-from fasttune.families.chat_templates import ChatTemplate, get_template, recognize
+from fasttune.families.chat_templates import TEMPLATES, ChatTemplate, get_template, recognize
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,14 @@ def apply_policy(tokenizer, recipe: Recipe) -> TemplateChoice:
                                 "padding with the end-of-turn token would hide it from the loss; use a tokenizer with a spare token"))
     tokenizer.pad_token = pad
     return choice
+
+
+def training_template(tokenizer, recipe: Recipe) -> ChatTemplate:
+    """The ChatTemplate the adapter's tokenizer carries (fasttune saved the training template there)."""
+    for template in TEMPLATES.values():
+        if template.source() == tokenizer.chat_template:
+            return template
+    return choose_template(tokenizer.chat_template, recipe, tokenizer.get_vocab()).template
 
 
 def load_tokenizer(source: str, recipe: Recipe):

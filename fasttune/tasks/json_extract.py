@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-from contextlib import contextmanager
 from typing import Any
 
 from fasttune.tasks import Task
@@ -258,93 +257,6 @@ def score(predictions: list[str], rows: list[dict]) -> dict[str, float]:
     return {name: total / len(rows) for name, total in totals.items()}
 
 
-def predict(model, tokenizer, rows: list[dict], max_new_tokens: int = 64,
-            batch_size: int = 16) -> list[str]:
-    """Greedy answers for ``rows`` (their assistant turn removed), in row order.
-
-    Prompts come from the tokenizer's chat template with ``add_generation_prompt=True``, padded on
-    the left so every row's answer starts right after its prompt, and are batched in order of
-    length so little compute goes to padding. Generation stops at the tokenizer's EOS.
-    """
-    import torch
-
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
-            f"tokenizer pad token {tokenizer.pad_token!r} must be set and differ from EOS "
-            f"{tokenizer.eos_token!r}; import the model with fasttune.model.gguf_import"
-        )
-    prompts = [
-        tokenizer.apply_chat_template([m for m in row["messages"] if m["role"] != "assistant"],
-                                      tokenize=False, add_generation_prompt=True)
-        for row in rows
-    ]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    predictions: list[str] = [""] * len(rows)
-
-    was_training, old_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    try:
-        with torch.no_grad(), _lora_merged(model):
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                # The chat template already wrote the special tokens; adding them again would
-                # prepend a second BOS on tokenizers that add one.
-                enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
-                new_tokens = out[:, enc["input_ids"].shape[1]:]
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for i, text in zip(batch, texts):
-                    predictions[i] = text
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return predictions
-
-
-@contextmanager
-def _lora_merged(model):
-    """Merge a PEFT model's LoRA weights into the base for the duration of generation, then unmerge.
-
-    Measured on 2 CPU cores with SmolLM2-135M and LoRA on all 7 projections: 40 rows take 160 s
-    through the unmerged adapters (two extra small matmuls per projection per token) and 28 s
-    merged. Merge/unmerge are PEFT's public, reversible API (``merge_adapter``/``unmerge_adapter``);
-    the fp32 round trip changes base weights by float rounding only. Quantized bases (QLoRA) are
-    left alone: merging into 4-bit weights requantizes them, which unmerging cannot undo.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else None
-    quantized = base is not None and getattr(base.config, "quantization_config", None) is not None
-    merge = base is not None and hasattr(model, "merge_adapter") and not quantized
-    if merge:
-        model.merge_adapter()
-    try:
-        yield
-    finally:
-        if merge:
-            model.unmerge_adapter()
-
-
-def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int = 64,
-             batch_size: int = 16) -> dict[str, Any]:
-    """Score greedy answers for ``rows``; the metrics plus ``samples``, the first 3 rows' texts."""
-    predictions = predict(model, tokenizer, rows, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size)
-    metrics: dict[str, Any] = score(predictions, rows)
-    metrics["samples"] = [
-        {"prompt": _last(row, "user"), "prediction": prediction, "reference": _last(row, "assistant")}
-        for prediction, row in zip(predictions[:3], rows[:3])
-    ]
-    return metrics
-
-
-def _last(row: dict, role: str) -> str:
-    return [m["content"] for m in row["messages"] if m["role"] == role][-1]
-
-
 TASK = Task(
     name="json_extract",
     description="free-text customer note -> compact JSON record in a fixed schema",
@@ -352,5 +264,4 @@ TASK = Task(
     system_prompt=SYSTEM_PROMPT,
     generate=generate,
     score=score,
-    evaluate=evaluate,
 )

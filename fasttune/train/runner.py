@@ -25,12 +25,14 @@ from fasttune.errors import Problem, UserError
 from fasttune.export.exporter import export_run, request_from_recipe
 from fasttune.export.model_card import model_card
 from fasttune.hooks import guard_metric_hooks
+from fasttune.inference.task_eval import evaluate_task
 from fasttune.inspect_data import print_stats
 from fasttune.machine import MachinePlan
 from fasttune.model import backends
 from fasttune.model.backends.hf import keep_adapter_in_plan_dtype, trainable_values
 from fasttune.model.gguf_import import names_gguf
 from fasttune.model.source import resolve_model_source
+from fasttune.model.tokenizer import training_template
 from fasttune.prepare import Inputs, Prepared
 from fasttune.prepare import inputs as prepare_inputs
 from fasttune.report import installed_versions, plot_loss, read_metrics, training_summary, write_report
@@ -402,8 +404,7 @@ def _task_eval(recipe: Recipe, model, tokenizer, data, console, when: str):
     console.print(f"[bold]{task.name} {when} training[/]: generating answers for {len(rows)} held-out rows"
                   + (f" (eval set {escape(first)}, the first)" if first else "") + "...")
     started = time.time()
-    scored = task.evaluate(model, tokenizer, rows, max_new_tokens=recipe.eval.max_new_tokens)
-    result = {"metrics": {k: v for k, v in scored.items() if k != "samples"}, "samples": scored.get("samples", [])}
+    result = evaluate_task(task, model, tokenizer, rows, recipe.eval.max_new_tokens, training_template(tokenizer, recipe).stop)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
     console.print(f"[bold]{task.name} {when} training[/]: {shown} ({time.time() - started:.0f}s)")
     return task, result

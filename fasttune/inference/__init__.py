@@ -1,0 +1,1 @@
+"""Answers from a trained model: shared generation (generation), what to load (loading), the rows' prompts (prompts), the task metric (task_eval), the chat (chat) and the generate verb (answers_file)."""
