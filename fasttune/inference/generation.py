@@ -19,9 +19,9 @@ BATCH_SIZE = 64
 BATCH_TOKENS = 8192
 """Tokens a batch may hold at most (rows x (longest prompt + max_new_tokens)): the KV cache of 8,192
 tokens of a 7B model is 4 GiB in 16 bits. A batch generates until its longest answer ends, so on a
-CPU fewer, larger batches are much faster: the demo's 40 held-out rows (about 110 prompt tokens, 64
-new) answered by its base model took 298 s in batches of 16 and 48 s in one batch of 40 (2 cores, the
-same run, another process busy beside it)."""
+CPU fewer, larger batches are faster: the demo's 40 held-out rows (about 110 prompt tokens, 64 new)
+answered by its base model took 55 s in batches of 16 and 37 s in one batch of 40 (2-core AMD EPYC,
+AVX-512, idle; one process, one after the other)."""
 
 
 @dataclass(frozen=True)
