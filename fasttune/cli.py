@@ -365,7 +365,7 @@ def _sampling(args):
 
 def cmd_chat(args) -> int:
     from fasttune.inference import chat, loading
-    from fasttune.inference.generation import Prompt, answer_all
+    from fasttune.inference.generation import Prompt, answer_all, prompt_ids
 
     sampling = _sampling(args)
     target = loading.locate(args.target, merged=args.merged)
@@ -387,6 +387,10 @@ def cmd_chat(args) -> int:
     if not one_shot:
         return chat.interactive(session)
     prompt = Prompt(messages=tuple(session.conversation.messages([{"role": "user", "content": text}])))
+    length = len(prompt_ids(loaded.tokenizer, prompt))
+    if length + sampling.max_new_tokens > loaded.context:
+        raise UserError(Problem("--prompt" if args.prompt is not None else "stdin", f"{text[:40]}..." if len(text) > 40 else text,
+                                *chat.too_long(length, loaded.context, sampling.max_new_tokens).split("; ", 1)))
     for label, adapter in ((("base:  ", False), ("tuned: ", True)) if args.compare else (("", True),)):
         answer = answer_all(loaded.model, loaded.tokenizer, [prompt], sampling, loaded.stops, adapter=adapter)[0]
         sys.stdout.write(f"{label}{answer.strip()}\n")

@@ -9,12 +9,14 @@ terminal, ``--prompt --merged``, ``generate``); the last two start together with
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import pty
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import termios
@@ -112,7 +114,7 @@ def _greedy(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     new = out[0, encoded["input_ids"].shape[1]:].tolist()
     if tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def _rows(path: Path) -> list[dict]:
@@ -134,6 +136,8 @@ class Terminal:
                 attrs = termios.tcgetattr(0)
                 attrs[3] |= termios.NOFLSH  # Ctrl-C must not throw away answer text not yet read
                 termios.tcsetattr(0, termios.TCSANOW, attrs)
+                # wide enough that readline echoes a typed line whole rather than scrolling it sideways
+                fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 1000, 0, 0))
                 os.execvpe(argv[0], argv, env)
             finally:
                 os._exit(127)
@@ -233,7 +237,7 @@ def test_chat_in_a_terminal_streams_stops_saves_resets_and_leaves(run, adapter, 
 
         # 2. /save: one `messages` row, training data for fasttune's own reader.
         term.line(f"/save {saved}")
-        assert b"(saved 2 turns to " in term.expect(PROMPT)
+        assert b"(saved the conversation, 3 messages, to " in term.expect(PROMPT)
         first = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
                               {"role": "assistant", "content": streamed}]}
         assert _rows(saved) == [first]

@@ -89,7 +89,7 @@ def alone(model, tokenizer, prompt: Prompt, stop_ids: list[int], max_new_tokens:
                              max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
     cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
-    return Alone(tokenizer.decode(new[:cut], skip_special_tokens=True), new[:cut], cut < len(new))
+    return Alone(tokenizer.decode(new[:cut], skip_special_tokens=True).strip(), new[:cut], cut < len(new))  # edges trimmed, as answers are
 
 
 def _ids(tokenizer, *tokens: str) -> list[int]:
@@ -126,7 +126,7 @@ def test_without_a_pad_token_batches_are_padded_with_eos(tiny, model, prompts):
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None and pad_id(no_pad) == no_pad.eos_token_id
     assert answer_all(model, no_pad, prompts, Sampling(max_new_tokens=MAX_NEW), batch_size=4) == expected
-    assert "".join(stream_answer(model, no_pad, prompts[0], Sampling(max_new_tokens=MAX_NEW))) == expected[0]
+    assert "".join(stream_answer(model, no_pad, prompts[0], Sampling(max_new_tokens=MAX_NEW))).strip() == expected[0]
 
 
 def test_text_prompts_are_continued_without_the_chat_template(tiny, model):
@@ -165,7 +165,7 @@ def test_generation_stops_at_a_stop_token_which_is_not_in_the_answer(tiny, promp
         assert all(s not in answer for s in CHATML_STOPS)
     assert len(tokenizer(got[0], add_special_tokens=False)["input_ids"]) < MAX_NEW
     # Streamed: the same stop, the same text.
-    assert "".join(stream_answer(model, tokenizer, prompts[0], Sampling(max_new_tokens=MAX_NEW), stops=stops)) == got[0]
+    assert "".join(stream_answer(model, tokenizer, prompts[0], Sampling(max_new_tokens=MAX_NEW), stops=stops)).strip() == got[0]
     if stops:  # without the format's stops, <|im_start|> is generated (and dropped as a special token): no stop there
         longer = answer_all(model, tokenizer, prompts[:1], Sampling(max_new_tokens=MAX_NEW))[0]
         assert longer.startswith(got[0]) and len(longer) > len(got[0])
@@ -182,7 +182,7 @@ def test_streamed_pieces_add_up_to_the_batched_answer(tiny, model, prompts):
         pieces = list(stream_answer(model, tokenizer, prompt, sampling))
         assert all(isinstance(p, str) for p in pieces)
         assert len([p for p in pieces if p]) > 1
-        assert "".join(pieces) == answer_all(model, tokenizer, [prompt], sampling)[0]
+        assert "".join(pieces).strip() == answer_all(model, tokenizer, [prompt], sampling)[0]
     assert _new_threads(before) == []
 
 
@@ -222,7 +222,7 @@ def test_setting_stop_ends_the_stream_early_and_the_thread_is_gone(tiny, model, 
     assert len(alive_during) == 1  # generation ran in a thread of its own ...
     assert _new_threads(before) == []  # ... which is gone once the stream ends
     assert slow.calls <= calls_at_first + 2 < sampling.max_new_tokens  # stopped at the next token
-    text = "".join(pieces)
+    text = "".join(pieces).strip()
     assert full.startswith(text) and len(text) < len(full)
 
 
@@ -293,7 +293,7 @@ def test_adapter_on_and_off_give_the_adapted_and_the_base_answers(tiny, prompts)
         assert_restored()
         if stream:
             seen.clear()
-            assert "".join(stream_answer(peft_model, tokenizer, chosen[0], sampling, adapter=adapter)) == expected[0], adapter
+            assert "".join(stream_answer(peft_model, tokenizer, chosen[0], sampling, adapter=adapter)).strip() == expected[0], adapter
             assert seen and all(s == (False, merged) for s in seen), (adapter, seen[:3])
             assert_restored()
     peft_model.eval()
@@ -320,7 +320,7 @@ def test_temperature_zero_is_greedy_and_a_seed_repeats_a_sample(tiny, model, pro
     assert first != greedy
     assert answer_all(model, tokenizer, chosen, hot) == first
     assert answer_all(model, tokenizer, chosen, Sampling(max_new_tokens=MAX_NEW, temperature=1.5, seed=8)) != first
-    assert "".join(stream_answer(model, tokenizer, chosen[0], hot)) == answer_all(model, tokenizer, chosen[:1], hot)[0]
+    assert "".join(stream_answer(model, tokenizer, chosen[0], hot)).strip() == answer_all(model, tokenizer, chosen[:1], hot)[0]
     # top_p is passed on (a tiny top_p keeps only the most likely token: greedy again) ...
     assert answer_all(model, tokenizer, chosen, Sampling(max_new_tokens=MAX_NEW, temperature=1.5, top_p=1e-9, seed=7)) == greedy
 

@@ -62,7 +62,21 @@ def write_answers(loaded: Loaded, rows: Rows, out: Path, sampling: Sampling, con
     """Answer ``rows`` into ``out`` (written whole, by rename); the task's metric where it applies, else None."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from fasttune.inference.chat import too_long
+    from fasttune.inference.generation import batches, prompt_ids
+
     pairs = [prompt_and_reference(row) for row in rows.rows]
+    lengths = [len(prompt_ids(loaded.tokenizer, prompt)) for prompt, _ in pairs]
+    over = [(number, length) for number, length in enumerate(lengths, start=1)
+            if length + sampling.max_new_tokens > loaded.context]
+    if over:
+        raise UserError(Problem("--data", rows.source, f"{len(over)} row{'s' * (len(over) > 1)} too long to answer (row "
+                                + ", row ".join(f"{n}: {length} tokens" for n, length in over[:3]) + (", ..." if len(over) > 3 else "")
+                                + ")", too_long(max(length for _, length in over), loaded.context, sampling.max_new_tokens)
+                                .split("; ", 1)[1].replace("shorten it", "shorten those rows, or leave them out")))
+    count = len(batches(lengths, sampling.max_new_tokens, batch_size))
+    console.print(f"[bold]answering[/] {len(pairs)} rows in {count} batch{'es' * (count > 1)}, up to {sampling.max_new_tokens} "
+                  "new tokens each (a batch ends with its longest answer)")
     with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                   transient=True) as progress:
         bar = progress.add_task("answers", total=len(pairs))
@@ -77,7 +91,7 @@ def write_answers(loaded: Loaded, rows: Rows, out: Path, sampling: Sampling, con
         lines.append(json.dumps(record, ensure_ascii=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "\n".join(lines) + "\n")
-    console.print(f"[green]wrote[/] {escape(str(out))}: {len(answers)} answers to {escape(rows.source)}")
+    console.print(f"[green]wrote[/] {escape(str(out))}: {len(answers)} answer{'s' * (len(answers) != 1)} to {escape(rows.source)}")
     return _task_metric(loaded, rows, answers, [reference for _, reference in pairs], console)
 
 
@@ -96,5 +110,5 @@ def _task_metric(loaded: Loaded, rows: Rows, answers: list[str], references: lis
     except (KeyError, ValueError, TypeError, IndexError) as err:  # rows that are not the task's own shape
         console.print(f"[yellow]note[/] no {task.name} metric: these rows are not {task.name} rows ({type(err).__name__})")
         return None
-    console.print(f"[bold]{task.name}[/]: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    console.print(f"[bold]{task.name}[/]: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))  # as report.md shows them
     return metrics

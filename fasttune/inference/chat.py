@@ -4,7 +4,8 @@ Answers stream as they are generated and end at the end-of-turn token (never sho
 is kept and sent whole each turn, cut from the oldest exchanges (with a note) when it would not fit
 the model's context with room for the answer. Ctrl-C stops the answer being written (what was
 written stays in the history) and the chat goes on; Ctrl-D or ``/exit`` leaves. ``--compare``
-answers each message twice, the adapter switched off (the base model) and on, one model in memory.
+answers each message twice, the adapter switched off (the base model) and on, one model in memory;
+both read the same history, which keeps the fine-tuned answers.
 Answers go to stdout, everything else (the start-up line, notes) to stderr.
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Chat:
             return
         path = Path(file).expanduser()
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             before = path.read_text(encoding="utf-8") if path.is_file() else ""
             if before and not before.endswith("\n"):
                 before += "\n"
@@ -102,7 +104,7 @@ class Chat:
         except OSError as err:
             self.say(f"could not save to {path}: {err.strerror or err}")
             return
-        self.say(f"(saved {len(self.conversation.turns)} turns to {path})")
+        self.say(f"(saved the conversation, {len(self.conversation.messages())} messages, to {path})")
 
     def ask(self, text: str) -> None:
         """Answer ``text``, streamed (twice with ``compare``); the tuned answer joins the history."""
@@ -111,13 +113,12 @@ class Chat:
         messages, dropped, length = self.conversation.fitted(self.loaded.tokenizer, room)
         if length > room:
             self.conversation.turns.pop()
-            self.say(f"this message is {length} tokens with the system prompt: more than the {room} the model's context "
-                     f"({self.loaded.context}) leaves beside --max-new-tokens {self.sampling.max_new_tokens}; shorten it "
-                     "or lower --max-new-tokens")
+            self.say(too_long(length, self.loaded.context, self.sampling.max_new_tokens))
             return
         if dropped:
-            self.say(f"(history: the oldest {dropped} exchange{'s' * (dropped > 1)} left out to fit the model's context of "
-                     f"{self.loaded.context} tokens)")
+            self.say(f"(history: the oldest {dropped} exchange{'s' * (dropped > 1)} left out to fit {room} prompt tokens: the "
+                     f"model's context of {self.loaded.context} less --max-new-tokens {self.sampling.max_new_tokens}; a lower "
+                     "--max-new-tokens keeps more)")
         prompt = Prompt(messages=tuple(messages))
         if self.compare:
             self.write("base:  ")
@@ -142,8 +143,20 @@ class Chat:
         return "".join(pieces).strip()
 
 
+def too_long(length: int, context: int, max_new_tokens: int) -> str:
+    """Why a prompt of ``length`` tokens cannot be answered, and what to change."""
+    fix = ("shorten it" if length >= context else
+           f"shorten it, or lower --max-new-tokens to {context - length} or less")
+    return (f"this message is {length} tokens with the system prompt: more than the {context - max_new_tokens} the model's "
+            f"context ({context}) leaves beside --max-new-tokens {max_new_tokens}; {fix}")
+
+
 def interactive(chat: Chat, read: typing.Callable[[str], str] = input) -> int:
     """The read-answer loop of a terminal: until ``/exit`` or end of input (Ctrl-D)."""
+    try:  # line editing and history for input(), and no 4 KiB limit on a pasted line (the tty's own)
+        import readline  # noqa: F401
+    except ImportError:  # not built into every Python
+        pass
     chat.say("type a message; /help for commands, /exit or Ctrl-D to leave")
     while True:
         try:

@@ -64,10 +64,10 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
 
 
 def _answer_text(tokenizer, tokens, stops: list[int]) -> str:
-    """The text of ``tokens`` up to the first stop token, special tokens left out."""
+    """The text of ``tokens`` up to the first stop token, special tokens and the whitespace at its edges left out."""
     tokens = list(tokens)
     end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-    return tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
 
 
 def pad_id(tokenizer) -> int:
