@@ -390,10 +390,10 @@ def cmd_chat(args) -> int:
     length = len(prompt_ids(loaded.tokenizer, prompt))
     if length + sampling.max_new_tokens > loaded.context:
         raise UserError(Problem("--prompt" if args.prompt is not None else "stdin", f"{text[:40]}..." if len(text) > 40 else text,
-                                *chat.too_long(length, loaded.context, sampling.max_new_tokens).split("; ", 1)))
+                                *chat.too_long(length, loaded.context, sampling.max_new_tokens)))
     for label, adapter in ((("base:  ", False), ("tuned: ", True)) if args.compare else (("", True),)):
         answer = answer_all(loaded.model, loaded.tokenizer, [prompt], sampling, loaded.stops, adapter=adapter)[0]
-        sys.stdout.write(f"{label}{answer.strip()}\n")
+        sys.stdout.write(f"{label}{answer}\n")
     return 0
 
 

@@ -72,8 +72,8 @@ def write_answers(loaded: Loaded, rows: Rows, out: Path, sampling: Sampling, con
     if over:
         raise UserError(Problem("--data", rows.source, f"{len(over)} row{'s' * (len(over) > 1)} too long to answer (row "
                                 + ", row ".join(f"{n}: {length} tokens" for n, length in over[:3]) + (", ..." if len(over) > 3 else "")
-                                + ")", too_long(max(length for _, length in over), loaded.context, sampling.max_new_tokens)
-                                .split("; ", 1)[1].replace("shorten it", "shorten those rows, or leave them out")))
+                                + ")", too_long(max(length for _, length in over), loaded.context, sampling.max_new_tokens)[1]
+                                .replace("shorten it", "shorten those rows, or leave them out")))
     count = len(batches(lengths, sampling.max_new_tokens, batch_size))
     console.print(f"[bold]answering[/] {len(pairs)} rows in {count} batch{'es' * (count > 1)}, up to {sampling.max_new_tokens} "
                   "new tokens each (a batch ends with its longest answer)")

@@ -113,7 +113,7 @@ class Chat:
         messages, dropped, length = self.conversation.fitted(self.loaded.tokenizer, room)
         if length > room:
             self.conversation.turns.pop()
-            self.say(too_long(length, self.loaded.context, self.sampling.max_new_tokens))
+            self.say("this message " + "; ".join(too_long(length, self.loaded.context, self.sampling.max_new_tokens)))
             return
         if dropped:
             self.say(f"(history: the oldest {dropped} exchange{'s' * (dropped > 1)} left out to fit {room} prompt tokens: the "
@@ -143,12 +143,12 @@ class Chat:
         return "".join(pieces).strip()
 
 
-def too_long(length: int, context: int, max_new_tokens: int) -> str:
-    """Why a prompt of ``length`` tokens cannot be answered, and what to change."""
+def too_long(length: int, context: int, max_new_tokens: int) -> tuple[str, str]:
+    """``(rule, fix)``: why a prompt of ``length`` tokens cannot be answered, and what to change."""
     fix = ("shorten it" if length >= context else
            f"shorten it, or lower --max-new-tokens to {context - length} or less")
-    return (f"this message is {length} tokens with the system prompt: more than the {context - max_new_tokens} the model's "
-            f"context ({context}) leaves beside --max-new-tokens {max_new_tokens}; {fix}")
+    return (f"is {length} tokens with the system prompt: more than the {context - max_new_tokens} the model's "
+            f"context ({context}) leaves beside --max-new-tokens {max_new_tokens}", fix)
 
 
 def interactive(chat: Chat, read: typing.Callable[[str], str] = input) -> int:

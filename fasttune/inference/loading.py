@@ -46,10 +46,6 @@ class Loaded:
     quantized: bool
 
     @property
-    def has_adapter(self) -> bool:
-        return self.target.kind == "adapter"
-
-    @property
     def context(self) -> int:
         """Tokens the model reads at most (its config's ``max_position_embeddings``)."""
         return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
