@@ -58,7 +58,7 @@ class Profile:
 
     name: str
     recipe: str
-    """Whose architecture (fasttune.side_by_side.random_model.BASE_CONFIGS) the random model has."""
+    """Whose architecture (fasttune.architectures.BASE_CONFIGS) the random model has."""
     shapes: dict
     """Architecture overrides; empty means the recipe's base model's own (7B)."""
     seq_len: int

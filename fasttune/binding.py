@@ -39,6 +39,12 @@ FASTTUNE_DOES = {
 }
 
 
+# train keys that are fasttune's own (not SFTConfig fields), read by the station named.
+FASTTUNE_TRAIN_KEYS = {
+    "auto_fit": "when the memory plan exceeds the card, apply the first changes that make it fit (fasttune.memory.fit)",
+}
+
+
 def translate_moved_keys(train: dict, problems: list[Problem]) -> tuple[dict, str | None]:
     """``train`` without the keys transformers 5 removed, their meaning carried over."""
     out = {k: v for k, v in train.items() if k not in MOVED_KEYS}
@@ -178,7 +184,10 @@ def bind(recipe: Recipe, plan: MachinePlan, run_dir: Path) -> LibraryConfigs:
     for key, (why, fix) in FASTTUNE_DOES.items():
         if key in recipe.train:
             problems.append(Problem(f"train.{key}", recipe.train[key], f"is not used by fasttune: {why}", fix))
-    translated, logging_dir = translate_moved_keys({k: v for k, v in recipe.train.items() if k not in FASTTUNE_DOES}, problems)
+    if not isinstance(recipe.train.get("auto_fit", False), bool):
+        problems.append(Problem("train.auto_fit", recipe.train["auto_fit"], "is true or false", "write train.auto_fit=true"))
+    translated, logging_dir = translate_moved_keys({k: v for k, v in recipe.train.items()
+                                                    if k not in FASTTUNE_DOES and k not in FASTTUNE_TRAIN_KEYS}, problems)
     train = _check("train", translated, SFTConfig, problems, others("train"))
     # train.output_dir names the run directory (runner.new_run_dir); checkpoints go inside it.
     train["output_dir"] = str(run_dir / "checkpoints")

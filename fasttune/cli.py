@@ -98,6 +98,10 @@ def cmd_recipe(args) -> int:
         machine.require_gpu(recipe, facts, args.cpu)
     # A training process imports Unsloth here, before anything imports transformers, TRL and PEFT.
     plan = prepare.plan_machine(recipe, facts, force_cpu=args.cpu, training=not args.dry_run)
+    if plan.device == "cuda" and not args.dry_run:
+        from fasttune.memory.for_run import fit_the_card
+
+        recipe = fit_the_card(args.recipe, args.overrides, recipe, facts, console)
     if not args.dry_run:
         from fasttune.train import distributed
 
@@ -269,7 +273,28 @@ def _print_dry_run(prepared, facts, args, console) -> int:
                       f"on {card.device_name} it would use: {escape(card_plan.summary())}")
         for note in card_plan.notes:
             console.print(f"[yellow]note[/] there: {escape(note)}")
+    from fasttune.memory.for_run import run_memory
+    from fasttune.memory.table import print_plan
+
+    memory = run_memory(recipe, facts, cpu=args.cpu, prepared=prepared)
+    print_plan(console, memory.plan, memory.card, memory.where, memory.changes)
     console.print("dry run: no weights were loaded")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from fasttune import machine, prepare
+    from fasttune.memory.for_run import run_memory
+    from fasttune.memory.table import as_json, print_plan
+
+    recipe = prepare.resolve(args.recipe, args.overrides)
+    memory = run_memory(recipe, machine.detect(), args.gpu, args.cpu)
+    if args.json:
+        print(json.dumps(as_json(memory.plan, memory.card, memory.changes), indent=1))
+    else:
+        print_plan(_console(), memory.plan, memory.card, memory.where, memory.changes)
     return 0
 
 
@@ -464,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the latest run of this recipe (or RUN_DIR) from its last checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: resume even if the recipe changed")
     p.set_defaults(func=cmd_recipe)
+
+    p = verbs.add_parser("plan", help="will it fit? the memory of one training step on a GPU, before any weights load")
+    p.add_argument("recipe", metavar="NAME|FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_length=1024")
+    p.add_argument("--gpu", metavar="GB|NAME", help="plan for another card: its memory (12) or its name (\"RTX 4090\")")
+    p.add_argument("--cpu", action="store_true", help="plan the run as `recipe --cpu` makes it (float32, no CUDA)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("export", help="export a finished run: merged 16-bit model, GGUF files and Ollama Modelfiles")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/<recipe>-<timestamp>)")

@@ -100,6 +100,8 @@ def test_dry_run_of_a_gpu_recipe_checks_everything_offline_and_loads_no_weights(
     assert result.returncode == 0, result.stderr
     assert "checked recipe keys and values bound to SFTConfig, LoraConfig, BitsAndBytesConfig" in result.stdout
     assert "not checked" in result.stdout  # the hub is unreachable here: said, not hidden
+    assert "memory of one training step" in result.stdout  # the memory plan, on the card the recipe is sized for
+    assert "fits the 12 GiB card the recipe is sized for" in result.stdout
     assert "no weights were loaded" in result.stdout
 
 

@@ -23,9 +23,9 @@ import pytest
 
 LAYERS = {
     "core": ("errors", "atomic_io", "coercion", "value_rules", "recipes", "config", "families",
-             "tasks", "output_paths", "disk", "hub", "run_folder", "gguf_types"),
+             "tasks", "output_paths", "disk", "hub", "run_folder", "gguf_types", "architectures"),
     "stations": ("machine", "binding", "prepare", "dry_run", "inspect_data", "doctor", "report", "data", "model",
-                 "train", "export", "hooks", "inference"),
+                 "train", "export", "hooks", "inference", "memory"),
     "entry": ("cli", "__main__", "fasttune", "side_by_side", "unsloth_api"),  # "fasttune" = the package's own __init__.py
 }
 PACKAGE = Path(__file__).resolve().parents[1] / "fasttune"

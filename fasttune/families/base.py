@@ -27,6 +27,10 @@ class Family:
     """Tokens to pad with, in order of preference. Never the end-of-turn token: that one is trained."""
     unsloth: bool
     """Whether Unsloth's ``FastLanguageModel`` supports this family."""
+    decoder_norms: int = 2
+    """RMSNorms of hidden size in each decoder layer (their weights count in the memory plan)."""
+    qk_norms: bool = False
+    """Whether each decoder layer also norms queries and keys per head (a weight of head_dim each)."""
     gguf_arch: str | None = None
     """llama.cpp's architecture name (``general.architecture`` in a GGUF file); ``None``: the family
     has no GGUF export (a recipe asking for one is refused before training)."""

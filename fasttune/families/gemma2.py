@@ -8,6 +8,7 @@ FAMILY = Family(
     # Gemma's vocabulary has a real <pad> (id 0); turns end with <end_of_turn>.
     pad_candidates=("<pad>",),
     unsloth=True,
+    decoder_norms=4,  # input, post-attention, pre- and post-feedforward
     gguf_arch="gemma2",
     gguf_norm_plus_one=True,
     # Soft-capping of attention scores and final logits, and the window of its sliding-window layers.

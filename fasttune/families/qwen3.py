@@ -7,6 +7,7 @@ FAMILY = Family(
     target_modules=LLAMA_STYLE_TARGETS,
     pad_candidates=("<|endoftext|>",),
     unsloth=True,
+    qk_norms=True,
     # llama.cpp's "neox" RoPE (Hugging Face's): no q/k reordering; q_norm/k_norm become attn_q_norm/attn_k_norm.
     gguf_arch="qwen3",
 )

@@ -41,6 +41,7 @@ from fasttune.tasks import get_task
 from fasttune.train import space
 from fasttune.train.checkpoints import atomic_checkpoints
 from fasttune.train.distributed import is_main, world_size
+from fasttune.train.longest_first import longest_batch_first
 from fasttune.train.packed_rows import keep_packed_rows_apart, quiet_cross_contamination_warning
 
 
@@ -177,6 +178,8 @@ def setup(prepared: Prepared, console) -> Session:
             preprocess_logits_for_metrics=hooks.preprocess_logits_for_metrics,
         )
     keep_packed_rows_apart(trainer, plan.attention)
+    if plan.device == "cuda" and world_size() == 1:
+        longest_batch_first(trainer)  # an out-of-memory comes at step 1, not hours in
     guard_metric_hooks(trainer)  # the user's compute_metrics failing at an evaluation: a UserError, not a traceback
 
     atomic_checkpoints(trainer)
@@ -254,6 +257,16 @@ def train(session: Session, resume_from: str | None = None) -> None:
         if full is None:
             raise
         raise full from None
+    except Exception as err:
+        if type(err).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise
+        from fasttune.memory.for_run import out_of_memory
+        from fasttune.train.checkpoints import CHECKPOINT, step_of
+
+        saved = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if CHECKPOINT.match(p.name)]
+        newest = str(max(saved, key=step_of)) if saved else None
+        resume = f"python -m fasttune recipe {session.recipe.name} --resume {run_dir}"
+        raise out_of_memory(session.recipe, trainer.state.global_step, newest, resume) from None
     if interrupt.requested:
         raise TrainingInterrupted(session.run_dir, trainer.state.global_step)
 

@@ -64,14 +64,40 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def frozen_embeddings_in(model, dtype):
+    """The frozen input embeddings and lm_head back in ``dtype`` (the loaded 16-bit one).
+
+    ``prepare_model_for_kbit_training`` (peft 0.21.2) lifts every 16-bit parameter to float32,
+    these two included: for a 128k-256k vocabulary that is 1-4 GiB more of frozen weights (the
+    memory plan's ``weights``). The norms stay float32 as PEFT made them; the logits are
+    computed in the 16-bit dtype, as a model without LoRA computes them, and the loss upcasts them."""
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return model
+    head = model.get_output_embeddings()
+    for module in {model.get_input_embeddings(), head} - {None}:
+        if not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+    if head is not None:  # the final norm's float32 weight makes its output float32
+        head.register_forward_pre_hook(_to_weight_dtype)
+    return model
+
+
+def _to_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
 def ready_for_lora(model, *, gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict | None = None):
     """The base readied for LoRA training: ``prepare_model_for_kbit_training`` for a 4-bit base,
     else gradient checkpointing (with input gradients) where asked."""
     from peft import prepare_model_for_kbit_training
 
     if is_quantized(model) and not under_fsdp():  # (its fp32 norms would break FSDP's one-dtype flat shards)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        dtype = model.get_input_embeddings().weight.dtype
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        return frozen_embeddings_in(model, dtype)
     if gradient_checkpointing:  # 16-bit LoRA, or 4-bit under FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         model.enable_input_require_grads()
