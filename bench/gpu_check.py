@@ -270,8 +270,26 @@ def run_child(args) -> int:
         "load_s": round(load_s, 1), "train_s": round(train_s, 1), "dtype": engine.dtype, "attention": engine.attention,
         "kernels": engine.kernels, "device": engine.device, "cuda": cuda, "profile": (SMOKE if args.smoke else FULL).name,
     }
+    result.update(memory_plan(args, model, trainer, engine, cuda))
     print(f"{RESULT_TAG} {json.dumps(result)}", flush=True)
     return 0
+
+
+def memory_plan(args, model, trainer, engine, cuda: bool) -> dict:
+    """fasttune's memory plan of this very run (fasttune.memory.plan), to set beside the measured
+    peaks: ``plan_allocated_gib`` is its total less the overhead part (CUDA context and allocator
+    slack, which ``max_memory_allocated`` does not see)."""
+    from fasttune.families import get_family
+    from fasttune.memory.plan import GIB, Setup, Shape, estimate
+
+    shape = Shape.from_config(model.config.to_dict())
+    setup = Setup(method="qlora", width=2 if engine.dtype in ("bfloat16", "float16") else 4, batch=1, sequence=args.seq_len,
+                  packing=False, gradient_checkpointing=True, optimizer=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+                  attention="sdpa" if engine.attention not in ("eager",) else "eager", backend=engine.backend, cuda=cuda,
+                  lora_rank=16, offload_checkpoints=engine.backend == "unsloth" and cuda and args.seq_len >= 512)
+    plan = estimate(shape, get_family(shape.model_type), setup)
+    return {"plan_parts_gib": {name: round(size / GIB, 3) for name, size in plan.parts.items()},
+            "plan_allocated_gib": round((plan.total - plan.parts["overhead"]) / GIB, 3), "plan_total_gib": round(plan.total / GIB, 3)}
 
 
 # ---------------------------------------------------------------------------------------------

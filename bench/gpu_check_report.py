@@ -60,6 +60,7 @@ def table_rows(outcomes: list[ChildOutcome]) -> list[tuple[str, list[str]]]:
         ("peak alloc GiB (train)", field("peak_alloc_gib", 2)),
         ("peak reserved GiB (train)", field("peak_reserved_gib", 2)),
         ("peak alloc GiB (load)", field("peak_load_alloc_gib", 2)),
+        ("memory plan GiB (less overhead)", field("plan_allocated_gib", 2)),
         ("first -> final loss", [f"{fmt((o.result or {}).get('first_loss'), 4)} -> {fmt((o.result or {}).get('final_loss'), 4)}"
                                  for o in outcomes]),
         ("loss tokens per row", field("loss_tokens_per_row")),

@@ -21,90 +21,20 @@ it counts every gradient as alive at the peak, which comes before the last ones 
 """
 from __future__ import annotations
 
-import tempfile
+import sys
+from pathlib import Path
 
 import pytest
 
-from fasttune.families import get_family
 from fasttune.memory import measure
-from fasttune.memory.plan import Setup, Shape, estimate
 
 torch = pytest.importorskip("torch")
-
-TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=1000)
-SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-             vocab_size=16000)
-FAMILY_VALUES = {"llama": {}, "qwen3": {"head_dim": 24}, "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}}
-RANK = 8
-
-
-def build(family: str, method: str, checkpointing: bool, values: dict):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(family, **values, **FAMILY_VALUES[family])
-    torch.manual_seed(0)
-    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if method == "qlora":
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        folder = tempfile.mkdtemp()
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, device_map="cpu", attn_implementation="sdpa",
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.float32))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        if checkpointing:
-            model.gradient_checkpointing_enable(**kwargs)
-            if method == "lora":
-                model.enable_input_require_grads()
-    if method != "full":
-        targets = list(get_family(family).target_modules)
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
-    model.train()
-    return config, model
-
-
-def measured(model, batch: dict, vocab: int, checkpointing: bool, rows: int, seq: int) -> tuple[dict, int]:
-    """The parts as the live model holds them, and the profiler's peak of a second training step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    got = measure.parameter_parts(model)
-    seen = {}
-
-    def step():
-        model(**batch, use_cache=False).loss.backward()
-        seen["gradients"] = measure.gradient_bytes(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    got["optimizer"] = measure.optimizer_bytes(optimizer)
-    peak = measure.profiled_peak(step)
-    got["gradients"] = seen["gradients"]
-    activations, _ = measure.saved_by_kind(model, batch, vocab)
-    layer = measure.layer_saved_bytes(model, batch)
-    got["logits"] = measure.logits_peak(model, rows, seq)
-    # backward's working set, and with checkpointing the recomputed layer where it exceeds the logits
-    got["activations"] = activations + (max(0, 2 * layer - got["logits"]) if checkpointing else layer)
-    return got, peak
-
-
-def planned(config, family: str, method: str, checkpointing: bool, rows: int, seq: int):
-    setup = Setup(method=method, width=4, batch=rows, sequence=seq, packing=False, gradient_checkpointing=checkpointing,
-                  optimizer="adamw_torch", attention="sdpa", backend="hf", cuda=False, lora_rank=RANK)
-    return estimate(Shape.from_config(config.to_dict()), get_family(family), setup)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from memory_check import FAMILY_VALUES, RANK, SMALL, SMALL_CASES, TINY, compare  # noqa: E402  (the bench's harness: one implementation)
 
 
 def check(family: str, method: str, checkpointing: bool, values: dict, rows: int, seq: int, peak_too: bool = False):
-    config, model = build(family, method, checkpointing, values)
-    ids = torch.randint(0, values["vocab_size"], (rows, seq))
-    got, peak = measured(model, {"input_ids": ids, "labels": ids}, values["vocab_size"], checkpointing, rows, seq)
-    plan = planned(config, family, method, checkpointing, rows, seq)
+    plan, got, peak = compare(family, method, checkpointing, values, rows, seq)
     for part, value in got.items():
         predicted = plan.parts[part]
         # With checkpointing the recomputed layer counts only past the logits: the two trade off, so
@@ -125,10 +55,7 @@ def test_tiny_models_hold_what_the_plan_says(family, method, checkpointing, seq)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,method,checkpointing,seq", [
-    ("llama", "lora", False, 128), ("llama", "lora", True, 256), ("llama", "qlora", True, 128), ("llama", "full", False, 128),
-    ("qwen3", "lora", False, 256), ("qwen3", "qlora", True, 128), ("phi3", "lora", True, 128), ("phi3", "full", True, 256),
-])
+@pytest.mark.parametrize("family,method,checkpointing,seq", SMALL_CASES)
 def test_small_models_hold_what_the_plan_says_and_peak_near_it(family, method, checkpointing, seq):
     check(family, method, checkpointing, SMALL, 2, seq, peak_too=method != "full")
 

@@ -39,16 +39,16 @@ def _key(name: str) -> str:
 
 def card(text: str) -> Card:
     """``--gpu``: a size in GiB (``12``, ``12GB``) or a card's name (``"RTX 4090"``, ``4090``)."""
-    size = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g)?\s*", text.lower())
+    wanted = _key(text)
+    for name, gib in CARDS.items():  # a card's name first: "4090" is the RTX 4090, not 4090 GiB
+        if _key(name) == wanted or _key(name).removeprefix("rtx") == wanted:
+            return Card(name, gib)
+    size = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(gib|gb|g)?\s*", text.lower())
     if size:
         gib = float(size.group(1))
         if gib <= 0:
             raise UserError(Problem("--gpu", text, "is a card's memory: more than 0 GiB", "give e.g. --gpu 12 or --gpu 'RTX 4090'"))
         return Card(f"{'an' if f'{gib:g}'.startswith(('8', '11', '18')) else 'a'} {gib:g} GiB GPU", gib)
-    wanted = _key(text)
-    for name, gib in CARDS.items():
-        if _key(name) == wanted or _key(name).removeprefix("rtx") == wanted:
-            return Card(name, gib)
     hint = suggest(text, list(CARDS))
     raise UserError(Problem("--gpu", text, "is neither a size in GiB nor a card fasttune knows",
                             (hint + "; " if hint else "") + "give the card's memory instead, e.g. --gpu 12"))
