@@ -113,22 +113,7 @@ def dry_run(prepared: Prepared) -> DryRunReport:
                               f"{trained} trained (assistant replies + {tokenizer.eos_token!r})")
     trainable, total = count_parameters_without_weights(source, recipe, configs.lora)
     report.checked.append(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), counted on the meta device")
-    if recipe.method == "full":
-        # A GPU recipe checked on a CPU: the card it is sized for trains in bf16.
-        dtype = "bfloat16" if recipe.needs_gpu and prepared.plan.device == "cpu" else prepared.plan.dtype
-        report.checked.append(full_finetune_memory(total, dtype, str(getattr(configs.sft.optim, "value", configs.sft.optim))))
-    return report
-
-
-def full_finetune_memory(params: int, dtype: str, optim: str) -> str:
-    """What full fine-tuning holds for every parameter before activations: the weights and their
-    gradients in the training dtype, and the optimizer's states (torch's AdamW keeps two per
-    parameter in the parameter's dtype; bitsandbytes' 8-bit AdamW two bytes)."""
-    width = 4 if dtype == "float32" else 2
-    state = 2 if "8bit" in optim else 0 if optim.startswith("sgd") else 2 * width
-    parts = {"weights": params * width, "gradients": params * width, f"optimizer states ({optim})": params * state}
-    shown = " + ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in parts.items())
-    return f"memory for full fine-tuning in {dtype}, before activations: {shown} = {sum(parts.values()) / 2**30:.2f} GiB"
+    return report  # the memory (every method's) is the plan the dry run prints next (fasttune.memory)
 
 
 def count_parameters_without_weights(source: str, recipe: Recipe, lora) -> tuple[int, int]:

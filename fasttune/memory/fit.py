@@ -70,8 +70,7 @@ def setup_for(prepared, card: Card | None, lengths: Lengths | None) -> tuple[Set
         sequence = max_length or 4096
         where = f"train.max_length {max_length}" if max_length else "no max_length and no data read: 4096 tokens assumed"
     cuda = card is not None
-    dtype = machine_plan.dtype if cuda or machine_plan.device == "cpu" else "bfloat16"
-    width = 4 if dtype == "float32" else 2
+    width = 4 if machine_plan.dtype == "float32" else 2
     lora = configs.lora
     targets = getattr(lora, "target_modules", None) if lora is not None else None
     targets = tuple(sorted(targets)) if isinstance(targets, (set, list, tuple)) else None
